@@ -1,0 +1,34 @@
+"""leafe-fast: a fast trainer for LEAFE (reflective tree exploration + experience distillation).
+
+The public API, importable from here lazily (heavy modules load on first use):
+
+- ``leafe_loss`` / ``LeafeLoss``   fused LM head + masked two-group cross-entropy   (leafe_fast.loss)
+- ``pack``                         trees' samples into varlen micro-batches         (leafe_fast.packing)
+- ``explore``                      Stage-1 reflective tree exploration               (leafe_fast.explore)
+- ``build_samples``                trees -> rehearsal + counterfactual samples       (leafe_fast.data)
+- ``Trainer``                      Stage-2 trainer                                   (leafe_fast.train)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "leafe_loss": "leafe_fast.loss",
+    "LeafeLoss": "leafe_fast.loss",
+    "pack": "leafe_fast.packing",
+    "explore": "leafe_fast.explore",
+    "build_samples": "leafe_fast.data",
+    "Trainer": "leafe_fast.train",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'leafe_fast' has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""Exploration trees: the ``leafe.tree/1`` schema and its append-only, resumable JSONL file.
+
+One tree per task, one JSON object per line::
+
+    {"schema": "leafe.tree/1", "task_id": str, "env": str, "tokenizer": str,
+     "prompt_ids": [int],   # system + task + first observation, template applied, WITHOUT the
+                            # assistant generation header
+     "header_ids": [int],   # the assistant generation header (e.g. "<|im_start|>assistant\\n")
+     "nodes": [Node], "success": bool, "stats": {...}, "meta": {...}}
+
+A node is one agent step. The tokens of the trajectory ending at node n are::
+
+    prompt_ids + concat over the root path p of
+        (p.experience_ids or []) + header_ids + p.action_ids + p.observation_ids
+
+``action_ids`` are the tokens exactly as generated (ending with the end-of-turn token when the
+model stopped); ``observation_ids`` are the template delta of the next user message (environment
+observation and feedback), without the next generation header. ``experience_ids`` is set only on
+the first node of a branch: the template delta of the experience message, inserted right at the
+rollback point, so the branch prompt is the parent's prefix plus new tokens. Only ``action_ids``
+are ever training targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = "leafe.tree/1"
+
+
+class TreeFormatError(ValueError):
+    """A trees.jsonl line that does not follow ``leafe.tree/1``; the message names the line."""
+
+
+@dataclass
+class Node:
+    id: int
+    parent: int  # -1: first step after reset
+    step: int  # env steps taken before this action (= depth; root-level nodes have step 0)
+    action_ids: list[int]
+    observation_ids: list[int]
+    action: str = ""
+    observation: str = ""
+    reward: float = 0.0
+    done: bool = False
+    success: bool = False
+    feedback: str = ""
+    experience_ids: list[int] | None = None
+    experience: str | None = None
+    rollback_from: int | None = None  # node whose reflection created this branch
+    branch: int = 0  # 0 = the first rollout, k = the k-th branch of the task
+
+
+@dataclass
+class Tree:
+    task_id: str
+    env: str
+    prompt_ids: list[int]
+    header_ids: list[int]
+    nodes: list[Node] = field(default_factory=list)
+    tokenizer: str = ""
+    success: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    # --- structure -------------------------------------------------------------------------
+    def children(self) -> dict[int, list[int]]:
+        """parent id -> child ids (root-level nodes under -1), in node order."""
+        out: dict[int, list[int]] = {}
+        for n in self.nodes:
+            out.setdefault(n.parent, []).append(n.id)
+        return out
+
+    def path(self, node_id: int) -> list[Node]:
+        """The nodes from the first step down to ``node_id``."""
+        by_id = {n.id: n for n in self.nodes}
+        out = []
+        cur = node_id
+        while cur != -1:
+            node = by_id[cur]
+            out.append(node)
+            cur = node.parent
+        return out[::-1]
+
+    def leaves(self) -> list[Node]:
+        parents = {n.parent for n in self.nodes}
+        return [n for n in self.nodes if n.id not in parents]
+
+    def path_token_ids(self, node_id: int, *, with_experience: bool = True) -> list[int]:
+        """Token ids of the trajectory ending at ``node_id`` (inclusive of its observation)."""
+        ids = list(self.prompt_ids)
+        for n in self.path(node_id):
+            if with_experience and n.experience_ids:
+                ids += n.experience_ids
+            ids += self.header_ids + n.action_ids + n.observation_ids
+        return ids
+
+    # --- (de)serialisation -----------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Tree":
+        if d.get("schema") != SCHEMA:
+            raise TreeFormatError(f"schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        try:
+            nodes = [Node(**n) for n in d["nodes"]]
+            tree = cls(**{**d, "nodes": nodes})
+        except (KeyError, TypeError) as e:
+            raise TreeFormatError(f"bad tree record: {e}") from e
+        tree.validate()
+        return tree
+
+    def validate(self) -> None:
+        ids = [n.id for n in self.nodes]
+        if ids != list(range(len(ids))):
+            raise TreeFormatError(f"task {self.task_id}: node ids must be 0..n-1 in order")
+        for n in self.nodes:
+            if not (-1 <= n.parent < n.id):
+                raise TreeFormatError(f"task {self.task_id}: node {n.id} has parent {n.parent}")
+            want = 0 if n.parent == -1 else self.nodes[n.parent].step + 1
+            if n.step != want:
+                raise TreeFormatError(f"task {self.task_id}: node {n.id} step {n.step} != {want}")
+
+
+def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
+    """Read a trees.jsonl file; a malformed line raises TreeFormatError naming file and line.
+
+    A final line without a newline is a write cut off mid-way (a killed run) and is skipped:
+    it was never acknowledged as written.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    for lineno, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise TreeFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        try:
+            yield Tree.from_dict(record)
+        except TreeFormatError as e:
+            raise TreeFormatError(f"{path}:{lineno}: {e}") from e
+    del tail  # an unterminated last line is an interrupted append
+
+
+def read_trees(path: str | os.PathLike) -> list[Tree]:
+    return list(iter_trees(path))
+
+
+class TreeWriter:
+    """Appends one tree per line with flush + fsync, so a finished tree survives a kill.
+
+    A partial last line left by an earlier killed run is cut away on open, so new records start
+    on a line of their own.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.finished: set[str] = {t.task_id for t in iter_trees(self.path)}
+        self._truncate_partial_tail()
+        self._f = self.path.open("ab")
+
+    def _truncate_partial_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+
+    def write(self, tree: Tree) -> None:
+        tree.validate()
+        self._f.write(tree.to_json().encode() + b"\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.finished.add(tree.task_id)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "TreeWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+"""The environment contract of Stage 1.
+
+An environment is text in, text out, and must restore exactly: ``restore(snapshot())`` followed by
+the same actions yields the same observations, rewards and feedback. LEAFE's reflection reads
+``feedback``: the environment's own diagnosis of what went wrong (invalid move, deadlock, compile
+error, failing test with input/expected/actual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+Observation = str
+"""What the agent sees after ``reset`` or a step, as plain text."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of an environment: an id that is unique within its environment, plus the data
+    the environment needs to build it (a level seed, a problem with its tests, ...)."""
+
+    task_id: str
+    env: str
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    observation: Observation
+    reward: float
+    done: bool
+    success: bool
+    feedback: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroundedReflection:
+    """A reflection computed from the environment's own knowledge, not by an LLM.
+
+    ``rollback_step`` is the number of steps to keep (0 = restart from ``reset``); the branch
+    re-acts from the state after that many steps, with ``experience`` in context.
+    """
+
+    rollback_step: int
+    experience: str
+
+
+@runtime_checkable
+class Env(Protocol):
+    """Text environment with exact snapshot/restore."""
+
+    name: str
+
+    def instructions(self) -> str:
+        """The system prompt: rules of the environment and the expected action format."""
+
+    def reset(self, task: Task) -> Observation: ...
+
+    def step(self, action: str) -> StepResult: ...
+
+    def snapshot(self) -> Any:
+        """An opaque, picklable state; cheap enough to take at every step."""
+
+    def restore(self, snapshot: Any) -> None: ...
+
+    def ground_reflection(self, history: list[StepResult]) -> GroundedReflection | None:
+        """Env-grounded reflection over the steps taken since reset (for policies too small to
+        reflect): where it went wrong and what to do instead, or None if nothing is known."""
