@@ -1,0 +1,132 @@
+"""Training samples: the contract between ``build_samples`` (Stage 2 data) and the packer.
+
+A sample is one token sequence with a per-token target mask. ``target_mask[i]`` means token ``i`` is
+supervised: it is predicted from the hidden state at position ``i - 1`` (the packer applies that
+shift inside the sample, never across samples), so ``target_mask[0]`` is always False.
+
+``SampleColumns`` is the columnar form the C++ packer reads without copies: one concatenated int32
+token buffer plus offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+REHEARSAL = 0
+COUNTERFACTUAL = 1
+GROUP_NAMES = ("rehearsal", "counterfactual")
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32 [L]
+    target_mask: np.ndarray  # bool [L]; True at i: token i is a target, predicted from position i-1
+    group: int = REHEARSAL  # 0 rehearsal, 1 counterfactual (a few more groups are allowed)
+    weight: float = 1.0  # per-sample loss weight, applied to each of its target tokens
+    tree_id: int = -1  # samples of one exploration tree share prefixes
+    prefix_len: int = 0  # tokens this sample shares with the tree's other samples (from the start)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_ids = np.ascontiguousarray(self.input_ids, dtype=np.int32)
+        self.target_mask = np.ascontiguousarray(self.target_mask, dtype=bool)
+        if self.input_ids.ndim != 1 or self.target_mask.shape != self.input_ids.shape:
+            raise ValueError(
+                f"Sample: input_ids {self.input_ids.shape} and target_mask {self.target_mask.shape} "
+                "must be 1-D and of equal length"
+            )
+        if len(self.target_mask) and self.target_mask[0]:
+            raise ValueError("Sample: target_mask[0] must be False (the first token has no predictor)")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+@dataclass
+class SampleColumns:
+    """Columnar samples: sample ``j`` is ``tokens[offsets[j]:offsets[j+1]]``."""
+
+    tokens: np.ndarray  # int32 [T]
+    offsets: np.ndarray  # int64 [n+1], offsets[0] == 0, non-decreasing
+    target_mask: np.ndarray  # uint8 [T]
+    group: np.ndarray  # int8 [n]
+    weight: np.ndarray  # float32 [n]
+    tree_id: np.ndarray  # int64 [n]
+    prefix_len: np.ndarray  # int32 [n]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def validate(self) -> None:
+        n = len(self)
+        T = len(self.tokens)
+        if n < 0 or self.offsets[0] != 0 or self.offsets[-1] != T or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("SampleColumns: offsets must start at 0, be non-decreasing and end at len(tokens)")
+        if len(self.target_mask) != T:
+            raise ValueError(f"SampleColumns: target_mask has {len(self.target_mask)} entries, tokens {T}")
+        for name in ("group", "weight", "tree_id", "prefix_len"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SampleColumns: {name} has {len(getattr(self, name))} entries, samples {n}")
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample]) -> "SampleColumns":
+        lengths = np.fromiter((len(s) for s in samples), dtype=np.int64, count=len(samples))
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
+        return cls(
+            tokens=cat([s.input_ids for s in samples], np.int32),
+            offsets=offsets,
+            target_mask=cat([s.target_mask for s in samples], np.uint8),
+            group=np.array([s.group for s in samples], dtype=np.int8),
+            weight=np.array([s.weight for s in samples], dtype=np.float32),
+            tree_id=np.array([s.tree_id for s in samples], dtype=np.int64),
+            prefix_len=np.array([s.prefix_len for s in samples], dtype=np.int32),
+        )
+
+    def to_samples(self) -> list[Sample]:
+        out = []
+        for j in range(len(self)):
+            a, b = int(self.offsets[j]), int(self.offsets[j + 1])
+            out.append(
+                Sample(
+                    self.tokens[a:b].copy(),
+                    self.target_mask[a:b].astype(bool),
+                    int(self.group[j]),
+                    float(self.weight[j]),
+                    int(self.tree_id[j]),
+                    int(self.prefix_len[j]),
+                )
+            )
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """One .npz file; written to a temporary name and renamed, so a crash never leaves half a file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SampleColumns":
+        with np.load(path) as z:
+            cols = cls(**{k: z[k] for k in cls.__dataclass_fields__})
+        cols.validate()
+        return cols
+
+
+def concat_columns(parts: Iterable[SampleColumns]) -> SampleColumns:
+    return SampleColumns.from_samples([s for p in parts for s in p.to_samples()])
