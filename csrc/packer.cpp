@@ -1,16 +1,45 @@
-// Tree-trajectory packer. (The packing algorithms land with the packer issue.)
+// Python bindings of the packer: numpy in and out without copies, GIL released while computing.
+// The algorithms live in pack_plan.cpp (planning) and pack_build.cpp (output assembly).
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "packer.h"
 
 namespace py = pybind11;
 
 namespace leafe {
 
+namespace {
+
+template <typename T>
+using In = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// Hands a vector's buffer to numpy; the capsule frees it with the array.
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                        owned->data(), owner);
+}
+
+template <typename T>
+const T* ptr(const In<T>& a, py::ssize_t expected, const char* name) {
+  if (a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be 1-D");
+  if (expected >= 0 && a.shape(0) != expected)
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.shape(0)) + " entries, expected " +
+                                std::to_string(expected));
+  return a.data();
+}
+
 // Exclusive prefix sum of sample lengths: the offsets of samples in a concatenated buffer.
-static py::array_t<int64_t> lengths_to_offsets(py::array_t<int64_t, py::array::c_style | py::array::forcecast> lengths) {
+py::array_t<int64_t> lengths_to_offsets(In<int64_t> lengths) {
   auto in = lengths.unchecked<1>();
   py::array_t<int64_t> out(in.shape(0) + 1);
   auto o = out.mutable_unchecked<1>();
@@ -23,9 +52,137 @@ static py::array_t<int64_t> lengths_to_offsets(py::array_t<int64_t, py::array::c
   return out;
 }
 
+py::dict plan_binding(In<int64_t> ids, In<int64_t> lengths, In<int64_t> tree_ids, int64_t budget,
+                      const std::string& strategy, int64_t ranks, int64_t micro_batches_per_rank, double alpha,
+                      uint64_t seed, bool shuffle, bool keep_trees_together) {
+  const py::ssize_t m = ids.ndim() == 1 ? ids.shape(0) : -1;
+  const int64_t* id_p = ptr(ids, -1, "ids");
+  const int64_t* len_p = ptr(lengths, m, "lengths");
+  const int64_t* tree_p = ptr(tree_ids, m, "tree_ids");
+  PlanOptions opt;
+  opt.budget = budget;
+  if (strategy == "bfd") opt.strategy = Strategy::kBestFitDecreasing;
+  else if (strategy == "balanced") opt.strategy = Strategy::kBalanced;
+  else throw std::invalid_argument("strategy must be 'bfd' or 'balanced', got '" + strategy + "'");
+  opt.ranks = ranks;
+  opt.micro_batches_per_rank = micro_batches_per_rank;
+  opt.alpha = alpha;
+  opt.seed = seed;
+  opt.shuffle = shuffle;
+  opt.keep_trees_together = keep_trees_together;
+  Plan plan;
+  {
+    py::gil_scoped_release nogil;
+    plan = make_plan(id_p, len_p, tree_p, m, opt);
+  }
+  py::dict out;
+  out["order"] = to_numpy(std::move(plan.order));
+  out["mb_offsets"] = to_numpy(std::move(plan.mb_offsets));
+  out["mb_rank"] = to_numpy(std::move(plan.mb_rank));
+  out["mb_cost"] = to_numpy(std::move(plan.mb_cost));
+  out["split_trees"] = to_numpy(std::move(plan.split_trees));
+  out["micro_batches_per_rank"] = plan.micro_batches_per_rank;
+  return out;
+}
+
+py::tuple count_targets_binding(In<uint8_t> mask, In<int64_t> offsets, In<int64_t> win_start, In<int64_t> win_len) {
+  const int64_t* off = ptr(offsets, -1, "offsets");
+  const py::ssize_t n = offsets.shape(0) - 1;
+  if (n < 0) throw std::invalid_argument("offsets must have at least one entry");
+  const uint8_t* msk = ptr(mask, off[n], "target_mask");
+  const int64_t* ws = ptr(win_start, n, "win_start");
+  const int64_t* wl = ptr(win_len, n, "win_len");
+  for (py::ssize_t j = 0; j < n; ++j)
+    if (off[j] > off[j + 1] || ws[j] < 0 || wl[j] < 0 || ws[j] + wl[j] > off[j + 1] - off[j])
+      throw std::invalid_argument("sample " + std::to_string(j) + ": window or offsets out of range");
+  py::array_t<int64_t> kept(n), removed(n);
+  int64_t* k = kept.mutable_data();
+  int64_t* r = removed.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    count_targets(msk, off, ws, wl, n, k, r);
+  }
+  return py::make_tuple(kept, removed);
+}
+
+py::dict build_binding(In<int32_t> tokens, In<uint8_t> mask, In<int8_t> group, In<float> weight,
+                       In<int64_t> win_abs, In<int64_t> win_len, In<int64_t> kept, In<int64_t> order,
+                       In<int64_t> mb_offsets, int threads) {
+  const py::ssize_t T_in = tokens.ndim() == 1 ? tokens.shape(0) : -1;
+  const py::ssize_t n = group.ndim() == 1 ? group.shape(0) : -1;
+  BuildInputs in;
+  in.tokens = ptr(tokens, -1, "tokens");
+  in.mask = ptr(mask, T_in, "target_mask");
+  in.group = ptr(group, -1, "group");
+  in.weight = ptr(weight, n, "weight");
+  in.win_abs = ptr(win_abs, n, "win_abs");
+  in.win_len = ptr(win_len, n, "win_len");
+  in.kept = ptr(kept, n, "kept");
+  in.order = ptr(order, -1, "order");
+  in.mb_offsets = ptr(mb_offsets, -1, "mb_offsets");
+  in.num_mb = mb_offsets.shape(0) - 1;
+  const py::ssize_t m = order.shape(0);
+  if (in.num_mb < 0 || in.mb_offsets[0] != 0 || in.mb_offsets[in.num_mb] != m)
+    throw std::invalid_argument("mb_offsets must start at 0 and end at len(order)");
+  for (int64_t b = 0; b < in.num_mb; ++b)
+    if (in.mb_offsets[b] > in.mb_offsets[b + 1]) throw std::invalid_argument("mb_offsets must be non-decreasing");
+  for (py::ssize_t k = 0; k < m; ++k) {
+    const int64_t s = in.order[k];
+    if (s < 0 || s >= n) throw std::invalid_argument("order holds sample id " + std::to_string(s) + " out of range");
+    if (in.win_abs[s] < 0 || in.win_len[s] < 0 || in.win_abs[s] + in.win_len[s] > T_in || in.kept[s] < 0 ||
+        in.kept[s] > in.win_len[s])
+      throw std::invalid_argument("sample " + std::to_string(s) + ": window out of range of tokens");
+  }
+  py::array_t<int64_t> tok_off(in.num_mb + 1), tgt_off(in.num_mb + 1);
+  py::array_t<int32_t> max_seqlen(in.num_mb);
+  {
+    py::gil_scoped_release nogil;
+    layout_batches(in, tok_off.mutable_data(), tgt_off.mutable_data(), max_seqlen.mutable_data());
+  }
+  const int64_t T = tok_off.data()[in.num_mb], M = tgt_off.data()[in.num_mb];
+  py::array_t<int32_t> input_ids(T), position_ids(T), cu_seqlens(m + in.num_mb);
+  py::array_t<int64_t> rows(M), targets(M);
+  py::array_t<float> weights(M);
+  py::array_t<int8_t> groups(M);
+  BuildOutputs out{input_ids.mutable_data(), position_ids.mutable_data(), cu_seqlens.mutable_data(),
+                   rows.mutable_data(),      targets.mutable_data(),      weights.mutable_data(),
+                   groups.mutable_data()};
+  {
+    py::gil_scoped_release nogil;
+    build_batches(in, tok_off.data(), tgt_off.data(), out, threads);
+  }
+  py::dict d;
+  d["input_ids"] = input_ids;
+  d["position_ids"] = position_ids;
+  d["cu_seqlens"] = cu_seqlens;
+  d["rows"] = rows;
+  d["targets"] = targets;
+  d["weights"] = weights;
+  d["group"] = groups;
+  d["tok_off"] = tok_off;
+  d["tgt_off"] = tgt_off;
+  d["max_seqlen"] = max_seqlen;
+  return d;
+}
+
+}  // namespace
+
 void register_packer(py::module_& m) {
   m.def("lengths_to_offsets", &lengths_to_offsets, py::arg("lengths"),
         "Offsets [n+1] of n samples with the given lengths in one concatenated buffer.");
+  m.def("pack_plan", &plan_binding, py::arg("ids"), py::arg("lengths"), py::arg("tree_ids"), py::arg("budget"),
+        py::arg("strategy"), py::arg("ranks"), py::arg("micro_batches_per_rank"), py::arg("alpha"), py::arg("seed"),
+        py::arg("shuffle"), py::arg("keep_trees_together"),
+        "Plan micro-batches: dict(order, mb_offsets, mb_rank, mb_cost, split_trees, micro_batches_per_rank). "
+        "Lengths must lie in [1, budget]. Use leafe_fast.packing.pack, which validates inputs.");
+  m.def("pack_count_targets", &count_targets_binding, py::arg("target_mask"), py::arg("offsets"),
+        py::arg("win_start"), py::arg("win_len"),
+        "(kept, removed) target counts per sample for kept windows [win_start, win_start + win_len).");
+  m.def("pack_build", &build_binding, py::arg("tokens"), py::arg("target_mask"), py::arg("group"), py::arg("weight"),
+        py::arg("win_abs"), py::arg("win_len"), py::arg("kept"), py::arg("order"), py::arg("mb_offsets"),
+        py::arg("threads") = 1,
+        "Flat micro-batch arrays for a plan: input_ids, position_ids, cu_seqlens, rows, targets, weights, group, "
+        "tok_off, tgt_off, max_seqlen.");
 }
 
 }  // namespace leafe

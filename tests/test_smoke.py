@@ -42,3 +42,15 @@ def test_cli_subcommand_runs_or_says_what_is_missing(capsys):
             assert exc.code == 0
         out = capsys.readouterr().out
         assert name in out
+
+
+def test_triton_kernel_runs_for_real(triton_interpret):
+    import torch
+
+    if not (torch.cuda.is_available() or triton_interpret):
+        import pytest
+
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1 (make test sets it)")
+    from leafe_fast.kernels.leafe_ce_triton import smoke_test
+
+    assert smoke_test() < 1e-4  # max error of the real forward kernel vs torch on a tiny shape

@@ -1,0 +1,355 @@
+"""Training throughput: leafe-fast against Hugging Face peers, same model and data, in one run.
+
+Model: random init from a config written below (Qwen2.5-1.5B or 0.5B shapes; nothing is downloaded).
+Data: LEAFE-shaped samples, multi-turn (observation turns are context, action turns are targets, about
+25% target tokens, 70% rehearsal / 30% counterfactual), lengths uniform in [--min-len, --max-len].
+
+Peers (each: fresh model with the same seed, AdamW, optional activation checkpointing, same samples):
+
+- ``leafe-fast``        packed varlen micro-batches (best-fit-decreasing, --budget tokens), our varlen
+                        attention, Liger RMSNorm/RoPE/SwiGLU when installed, fused LEAFE loss on hidden states
+- ``hf-padded-eager``   HF model (SDPA), padded batches of --hf-batch samples, labels -100, HF's own loss
+                        (full [B, T, V] logits, eager cross-entropy)
+- ``hf-liger-packed``   HF model patched by Liger (RoPE, RMSNorm, SwiGLU, fused linear CE), padding-free
+                        rows (samples concatenated, position_ids restart; HF builds the packed mask);
+                        skipped with a note when liger-kernel or CUDA is missing
+
+Reported per peer: real (non-pad) tokens/s, MFU = tokens/s * 6N / peak (N = parameters without the
+input embedding unless tied; peak = a bf16 matmul rate measured in this run on CUDA, an fp32 one on the
+CPU), peak memory (CUDA allocator; on the CPU no per-peer figure), and the loss of the first step.
+
+  python -m benchmarks.bench_train --config qwen2.5-1.5b        # one GPU (H100: still to be measured)
+  python -m benchmarks.bench_train --small                     # CPU, tiny config, < 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+try:
+    from benchmarks.common import env_info, save_plot, write_result
+except ImportError:  # run as a plain script from benchmarks/
+    from common import env_info, save_plot, write_result  # type: ignore[no-redef]
+
+from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.train.metrics import measure_matmul_flops
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # Shapes of the public Qwen2.5 configs (vocabulary, widths, depths, GQA, RoPE base, tied embeddings).
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # CPU smoke size: runs end to end in well under three minutes on two cores.
+    "tiny": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                 rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+}
+
+
+def make_config(name: str):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**CONFIGS[name], attention_dropout=0.0, use_sliding_window=False)
+
+
+def leafe_samples(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> SampleColumns:
+    """Multi-turn samples: a prompt, then (observation, action) turns; actions (~25% of tokens) are targets."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        L = int(rng.integers(min_len, max_len + 1))
+        mask = np.zeros(L, dtype=bool)
+        pos = int(rng.integers(L // 20 + 1, L // 8 + 2))  # system prompt + task
+        while pos < L:
+            obs = int(rng.integers(60, 240))
+            act = max(1, int(obs / 2.4 * rng.uniform(0.6, 1.4)))
+            pos += obs
+            mask[pos : min(L, pos + act)] = True
+            pos += act
+        mask[0] = False
+        ids = rng.integers(0, vocab, size=L).astype(np.int32)
+        out.append(Sample(ids, mask, group=int(rng.random() < 0.3), weight=1.0, tree_id=j // 4))
+    return SampleColumns.from_samples(out)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_mem(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mem(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _timed(steps: list[Callable[[], tuple[int, float]]], warmup: int, device: torch.device) -> dict[str, Any]:
+    """Run ``warmup`` steps untimed, the rest timed; each step returns (real tokens, loss)."""
+    first_loss = None
+    for fn in steps[:warmup]:
+        _, loss = fn()
+        first_loss = first_loss if first_loss is not None else loss
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = 0
+    for fn in steps[warmup:]:
+        n, loss = fn()
+        tokens += n
+        first_loss = first_loss if first_loss is not None else loss
+    _sync(device)
+    dt = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "first_loss": first_loss,
+            "timed_steps": len(steps) - warmup}
+
+
+def _optimizer(model, device):
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+
+def run_leafe(args, cfg, samples, device, dtype) -> dict[str, Any]:
+    from leafe_fast.packing import pack
+    from leafe_fast.train import TrainConfig, Trainer, load_model
+
+    model = load_model(cfg, dtype=dtype, device=device, liger="auto", seed=args.seed)
+    trainer = Trainer(model, samples, TrainConfig(max_steps=10**6, token_budget=args.budget, grad_accum=1, lr=1e-5,
+                                                  activation_checkpointing=args.ac, progress=False,
+                                                  peak_flops=None, max_grad_norm=1.0))
+    mbs = pack(samples, args.budget, seed=args.seed).micro_batches
+    need = args.warmup + args.steps
+    mbs = (mbs * math.ceil(need / len(mbs)))[:need]
+
+    def step(mb):
+        def fn():
+            rec = trainer.train_step([mb])
+            return rec["tokens"], rec["loss"]
+        return fn
+
+    res = _timed([step(mb) for mb in mbs], args.warmup, device)
+    res["liger_applied"] = bool(getattr(model, "leafe_liger", False))
+    from leafe_fast.train.attention import select_backend
+
+    res["attention"] = select_backend(device, num_tokens=args.budget)
+    res["micro_batch_tokens"] = args.budget
+    del trainer, model
+    return res
+
+
+def _hf_model(cfg, device, dtype, ac, seed, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype).to(device)
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _labels(s: Sample) -> np.ndarray:
+    lab = np.where(s.target_mask, s.input_ids, -100).astype(np.int64)
+    return lab
+
+
+def run_hf_padded(args, cfg, samples, device, dtype) -> dict[str, Any]:
+    model = _hf_model(cfg, device, dtype, args.ac, args.seed)
+    opt = _optimizer(model, device)
+    items = samples.to_samples()
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(items))
+    batches = [order[i : i + args.hf_batch] for i in range(0, len(order), args.hf_batch)]
+    need = args.warmup + args.steps
+    batches = (batches * math.ceil(need / len(batches)))[:need]
+
+    def step(idx):
+        def fn():
+            group = [items[i] for i in idx]
+            T = max(len(s) for s in group)
+            ids = np.zeros((len(group), T), np.int64)
+            att = np.zeros((len(group), T), np.int64)
+            # HF's loss shifts labels itself: labels[t] is the token at t, -100 where not a target
+            lab = np.full((len(group), T), -100, np.int64)
+            for r, s in enumerate(group):
+                ids[r, : len(s)] = s.input_ids
+                att[r, : len(s)] = 1
+                lab[r, : len(s)] = _labels(s)
+            t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+            out = model(input_ids=t(ids), attention_mask=t(att), labels=t(lab))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return int(att.sum()), float(out.loss.detach())
+        return fn
+
+    res = _timed([step(b) for b in batches], args.warmup, device)
+    res["batch_size"] = args.hf_batch
+    del model, opt
+    return res
+
+
+def run_hf_liger_packed(args, cfg, samples, device, dtype) -> dict[str, Any]:
+    from leafe_fast.train.liger import liger_fused_ce_available
+
+    if not liger_fused_ce_available():
+        return {"skipped": "liger-kernel on CUDA is not available here"}
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    from leafe_fast.packing import pack
+
+    model = _hf_model(cfg, device, dtype, args.ac, args.seed)
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    opt = _optimizer(model, device)
+    items = samples.to_samples()
+    packs = pack(samples, args.budget, seed=args.seed).micro_batches
+    need = args.warmup + args.steps
+    packs = (packs * math.ceil(need / len(packs)))[:need]
+
+    def step(mb):
+        def fn():
+            ids = np.concatenate([items[j].input_ids for j in mb.sample_ids]).astype(np.int64)
+            pos = np.concatenate([np.arange(len(items[j])) for j in mb.sample_ids])
+            # a sample's first token must not be predicted from the previous sample: HF shifts labels
+            # inside the row, so the first label of each sample is -100
+            lab = np.concatenate([_labels(items[j]) for j in mb.sample_ids])
+            t = lambda x: torch.as_tensor(x, device=device)[None]  # noqa: E731
+            out = model(input_ids=t(ids), position_ids=t(pos), labels=t(lab))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return len(ids), float(out.loss.detach())
+        return fn
+
+    res = _timed([step(mb) for mb in packs], args.warmup, device)
+    res["micro_batch_tokens"] = args.budget
+    del model, opt
+    return res
+
+
+PEERS = {"leafe-fast": run_leafe, "hf-padded-eager": run_hf_padded, "hf-liger-packed": run_hf_liger_packed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="CPU smoke run with the tiny config")
+    p.add_argument("--config", default=None, choices=sorted(CONFIGS), help="model shapes (default by mode)")
+    p.add_argument("--samples", type=int, default=None, help="number of samples")
+    p.add_argument("--min-len", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--budget", type=int, default=None, help="tokens per packed micro-batch")
+    p.add_argument("--hf-batch", type=int, default=4, help="samples per padded batch of the HF peer")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per peer")
+    p.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
+    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="result file name (default: train_<device>_<config>)")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.small
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    defaults = (dict(config="qwen2.5-1.5b", samples=48, min_len=2048, max_len=8192, budget=16384, warmup=2, steps=6)
+                if cuda else dict(config="tiny", samples=24, min_len=128, max_len=1024, budget=2048, warmup=1,
+                                  steps=4))
+    for k, v in defaults.items():
+        if getattr(args, k.replace("-", "_")) is None:
+            setattr(args, k.replace("-", "_"), v)
+    if not cuda and args.ac and args.small:
+        args.ac = False  # the tiny CPU model fits easily; recomputation would only slow the smoke run
+    cfg = make_config(args.config)
+    samples = leafe_samples(args.samples, cfg.vocab_size, args.min_len, args.max_len, seed=args.seed)
+    lengths = samples.lengths
+    target_share = float(samples.target_mask.sum() / len(samples.tokens))
+
+    from transformers import AutoModelForCausalLM
+
+    from leafe_fast.train.model import count_parameters
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        n_params = count_parameters(AutoModelForCausalLM.from_config(cfg))
+    if cuda:
+        peak = measure_matmul_flops(device, torch.bfloat16, size=8192)
+        peak_kind = "measured bf16 8192^3 matmul"
+    else:
+        peak = measure_matmul_flops(device, torch.float32, size=1024, iters=10)
+        peak_kind = "measured fp32 1024^3 matmul (CPU)"
+    print(f"bench_train: {args.config} ({n_params / 1e6:.1f}M params w/o input embedding), {len(samples)} samples "
+          f"{int(lengths.min())}-{int(lengths.max())} tokens, {100 * target_share:.1f}% targets, device {device}, "
+          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_kind})")
+
+    results: dict[str, Any] = {}
+    for name in args.peers.split(","):
+        _reset_mem(device)
+        t0 = time.perf_counter()
+        try:
+            res = PEERS[name](args, cfg, samples, device, dtype)
+        except torch.cuda.OutOfMemoryError as exc:
+            res = {"oom": str(exc).splitlines()[0]}
+        if "tokens_per_s" in res:
+            res["mfu"] = res["tokens_per_s"] * 6 * n_params / peak
+            res["peak_mem_gib"] = _peak_mem(device)
+        res["wall_s"] = time.perf_counter() - t0
+        results[name] = res
+        shown = (f"{res['tokens_per_s']:,.0f} tok/s, MFU {100 * res['mfu']:.2f}%"
+                 + (f", {res['peak_mem_gib']:.1f} GiB" if res.get("peak_mem_gib") else "")
+                 if "tokens_per_s" in res else res.get("skipped") or res.get("oom"))
+        print(f"  {name:18s} {shown}")
+        _reset_mem(device)
+
+    ours = results.get("leafe-fast", {}).get("tokens_per_s")
+    peers = {k: v["tokens_per_s"] for k, v in results.items() if k != "leafe-fast" and "tokens_per_s" in v}
+    best = max(peers.items(), key=lambda kv: kv[1]) if peers else None
+    ratio = ours / best[1] if (ours and best) else None
+    if ratio:
+        print(f"  leafe-fast / best peer ({best[0]}): {ratio:.2f}x tokens/s")
+    env = env_info()
+    name = args.name or f"train_{'cuda' if cuda else 'cpu'}_{'small' if args.small else args.config}"
+    payload = {
+        "benchmark": "train",
+        "note": ("CPU run of the tiny config: a smoke test of the benchmark, not a GPU number"
+                 if not cuda else "GPU run"),
+        "config_name": args.config,
+        "model_config": CONFIGS[args.config],
+        "params_without_input_embedding": n_params,
+        "flops_per_token": 6 * n_params,
+        "peak_flops": peak,
+        "peak_flops_kind": peak_kind,
+        "dtype": str(dtype),
+        "activation_checkpointing": args.ac,
+        "data": {"samples": len(samples), "min_len": int(lengths.min()), "max_len": int(lengths.max()),
+                 "mean_len": float(lengths.mean()), "target_share": target_share,
+                 "counterfactual_share": float(np.mean(samples.group == 1))},
+        "budget": args.budget, "hf_batch": args.hf_batch, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "results": results,
+        "speedup_vs_best_peer": ratio,
+        "best_peer": best[0] if best else None,
+        "env": env,
+    }
+    path = write_result(name, payload)
+    labels = list(results)
+    save_plot(name, labels, [results[k].get("tokens_per_s") for k in labels], ylabel="real tokens/s (higher is better)",
+              title=f"train {args.config} on {env['device']} ({dtype}); n/a = skipped or OOM")
+    print(f"bench_train: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

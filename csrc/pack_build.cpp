@@ -1,0 +1,106 @@
+// Assembly: copies the planned samples into flat micro-batch arrays (tokens, restarting positions,
+// cu_seqlens) and writes the loss rows. The next-token shift happens inside a sample: the target at
+// window position i (i >= 1) is predicted by the hidden state at position i - 1 of the same sample.
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "packer.h"
+
+namespace leafe {
+
+void count_targets(const uint8_t* mask, const int64_t* offsets, const int64_t* win_start, const int64_t* win_len,
+                   int64_t n, int64_t* kept, int64_t* removed) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t a = offsets[j], b = offsets[j + 1];
+    const int64_t ws = a + win_start[j], we = ws + win_len[j];
+    int64_t in_window = 0;
+    for (int64_t t = ws + 1; t < we; ++t) in_window += mask[t] != 0;
+    int64_t outside = 0;
+    if (ws != a || we != b) {  // truncated: count what was cut away (window position 0 included)
+      for (int64_t t = a; t < b; ++t) outside += mask[t] != 0;
+      outside -= in_window;
+    }
+    kept[j] = in_window;
+    removed[j] = outside;
+  }
+}
+
+void layout_batches(const BuildInputs& in, int64_t* mb_tok_off, int64_t* mb_tgt_off, int32_t* max_seqlen) {
+  mb_tok_off[0] = 0;
+  mb_tgt_off[0] = 0;
+  for (int64_t b = 0; b < in.num_mb; ++b) {
+    int64_t tok = 0, tgt = 0, longest = 0;
+    for (int64_t k = in.mb_offsets[b]; k < in.mb_offsets[b + 1]; ++k) {
+      const int64_t s = in.order[k];
+      tok += in.win_len[s];
+      tgt += in.kept[s];
+      longest = std::max(longest, in.win_len[s]);
+    }
+    mb_tok_off[b + 1] = mb_tok_off[b] + tok;
+    mb_tgt_off[b + 1] = mb_tgt_off[b] + tgt;
+    max_seqlen[b] = static_cast<int32_t>(longest);
+  }
+}
+
+namespace {
+
+void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
+                 const BuildOutputs& out, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    int32_t* ids = out.input_ids + mb_tok_off[b];
+    int32_t* pos = out.position_ids + mb_tok_off[b];
+    int32_t* cu = out.cu_seqlens + in.mb_offsets[b] + b;
+    const int64_t m0 = mb_tgt_off[b];
+    int64_t local = 0, m = m0;
+    *cu++ = 0;
+    for (int64_t k = in.mb_offsets[b]; k < in.mb_offsets[b + 1]; ++k) {
+      const int64_t s = in.order[k];
+      const int64_t len = in.win_len[s];
+      const int32_t* src = in.tokens + in.win_abs[s];
+      const uint8_t* msk = in.mask + in.win_abs[s];
+      std::memcpy(ids + local, src, static_cast<size_t>(len) * sizeof(int32_t));
+      for (int64_t i = 0; i < len; ++i) pos[local + i] = static_cast<int32_t>(i);
+      const float w = in.weight[s];
+      const int8_t g = in.group[s];
+      const int64_t m_end = m + in.kept[s];
+      for (int64_t i = 1; i < len && m < m_end; ++i) {
+        if (!msk[i]) continue;
+        out.rows[m] = local + i - 1;
+        out.targets[m] = src[i];
+        out.weights[m] = w;
+        out.group[m] = g;
+        ++m;
+      }
+      local += len;
+      *cu++ = static_cast<int32_t>(local);
+    }
+  }
+}
+
+}  // namespace
+
+void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
+                   const BuildOutputs& out, int threads) {
+  const int64_t B = in.num_mb;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, B)));
+  if (threads == 1) {
+    build_range(in, mb_tok_off, mb_tgt_off, out, 0, B);
+    return;
+  }
+  // Contiguous micro-batch ranges holding about the same number of tokens.
+  const int64_t total = mb_tok_off[B];
+  std::vector<int64_t> cut{0};
+  for (int t = 1; t < threads; ++t) {
+    const int64_t goal = total / threads * t;
+    const int64_t b = std::upper_bound(mb_tok_off, mb_tok_off + B + 1, goal) - mb_tok_off - 1;
+    cut.push_back(std::max(cut.back(), std::min(b, B)));
+  }
+  cut.push_back(B);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back(build_range, std::cref(in), mb_tok_off, mb_tgt_off, std::cref(out), cut[t], cut[t + 1]);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace leafe

@@ -1,0 +1,396 @@
+// Planning: which samples go into which micro-batch, on which rank, in which order.
+//
+// Units of placement are "items": one sample, or (keep_trees_together) all samples of one tree.
+// best-fit-decreasing: items by length, descending; each goes to the open bin with the least free
+//   space that still holds it (ties: the bin that reached that free space first); else a new bin.
+// balanced: R ranks x K micro-batches. Items by cost (tokens + alpha*len^2), descending; each goes to
+//   the cheapest bin (ties: lowest bin id) with room for it (LPT with a capacity check). K starts at
+//   the token lower bound and grows by one (R new bins) whenever an item fits nowhere. Bins are then sorted by cost and dealt
+//   in slots of R similar bins; within a slot the dearest bin goes to the rank with the lowest running
+//   total, so both each synchronous step and each rank's total stay balanced.
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "packer.h"
+
+namespace leafe {
+
+uint64_t splitmix64_next(uint64_t& state) {
+  state += 0x9E3779B97F4A7C15ull;
+  uint64_t z = state;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+std::vector<int64_t> permutation(int64_t n, uint64_t seed) {
+  std::vector<int64_t> p(static_cast<size_t>(n));
+  std::iota(p.begin(), p.end(), int64_t{0});
+  uint64_t state = seed;
+  for (int64_t i = n - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(splitmix64_next(state) % static_cast<uint64_t>(i + 1));
+    std::swap(p[i], p[j]);
+  }
+  return p;
+}
+
+namespace {
+
+double sample_cost(int64_t len, double alpha) {
+  return static_cast<double>(len) + alpha * static_cast<double>(len * len);
+}
+
+struct Items {
+  std::vector<int64_t> members;  // positions j into the input arrays, item after item
+  std::vector<int64_t> offsets{0};
+  std::vector<int64_t> length;
+  std::vector<double> cost;
+
+  void add(const int64_t* js, size_t count, const int64_t* lengths, double alpha) {
+    int64_t len = 0;
+    double cost_sum = 0.0;
+    for (size_t k = 0; k < count; ++k) {
+      members.push_back(js[k]);
+      len += lengths[js[k]];
+      cost_sum += sample_cost(lengths[js[k]], alpha);
+    }
+    offsets.push_back(static_cast<int64_t>(members.size()));
+    length.push_back(len);
+    cost.push_back(cost_sum);
+  }
+  int64_t size() const { return static_cast<int64_t>(length.size()); }
+};
+
+// A tree longer than the budget: best fit (least room left, ties lowest chunk) of its samples taken
+// longest first; each chunk lists its samples in input order.
+void split_tree(const std::vector<int64_t>& group, const int64_t* lengths, int64_t budget, double alpha,
+                Items& items) {
+  std::vector<int64_t> by_len(group);
+  std::stable_sort(by_len.begin(), by_len.end(),
+                   [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  std::vector<int64_t> room;
+  std::vector<std::vector<int64_t>> chunks;
+  for (int64_t j : by_len) {
+    int64_t best = -1;
+    for (size_t c = 0; c < room.size(); ++c)
+      if (room[c] >= lengths[j] && (best < 0 || room[c] < room[best])) best = static_cast<int64_t>(c);
+    if (best < 0) {
+      best = static_cast<int64_t>(room.size());
+      room.push_back(budget);
+      chunks.emplace_back();
+    }
+    room[best] -= lengths[j];
+    chunks[best].push_back(j);
+  }
+  for (auto& c : chunks) {
+    std::sort(c.begin(), c.end());
+    items.add(c.data(), c.size(), lengths, alpha);
+  }
+}
+
+Items make_items(const int64_t* lengths, const int64_t* tree_ids, int64_t m, const PlanOptions& opt,
+                 std::vector<int64_t>& split_trees) {
+  Items items;
+  items.members.reserve(static_cast<size_t>(m));
+  items.length.reserve(static_cast<size_t>(m));
+  items.cost.reserve(static_cast<size_t>(m));
+  if (!opt.keep_trees_together) {
+    for (int64_t j = 0; j < m; ++j) items.add(&j, 1, lengths, opt.alpha);
+    return items;
+  }
+  // Group tree members (input order kept inside a tree); an item is emitted at its first member.
+  std::vector<int64_t> in_tree;
+  for (int64_t j = 0; j < m; ++j)
+    if (tree_ids[j] >= 0) in_tree.push_back(j);
+  std::stable_sort(in_tree.begin(), in_tree.end(),
+                   [&](int64_t a, int64_t b) { return tree_ids[a] < tree_ids[b]; });
+  std::vector<int64_t> group_of(static_cast<size_t>(m), -1);  // set on a tree's first member only
+  std::vector<int64_t> group_start{0};
+  for (size_t k = 0; k < in_tree.size(); ++k) {
+    if (k > 0 && tree_ids[in_tree[k]] != tree_ids[in_tree[k - 1]]) group_start.push_back(static_cast<int64_t>(k));
+    if (k == static_cast<size_t>(group_start.back())) group_of[in_tree[k]] = static_cast<int64_t>(group_start.size() - 1);
+  }
+  group_start.push_back(static_cast<int64_t>(in_tree.size()));
+  std::vector<int64_t> group;
+  for (int64_t j = 0; j < m; ++j) {
+    if (tree_ids[j] < 0) {
+      items.add(&j, 1, lengths, opt.alpha);
+      continue;
+    }
+    const int64_t g = group_of[j];
+    if (g < 0) continue;  // not the tree's first member: already emitted
+    group.assign(in_tree.begin() + group_start[g], in_tree.begin() + group_start[g + 1]);
+    int64_t total = 0;
+    for (int64_t k : group) total += lengths[k];
+    if (total <= opt.budget) {
+      items.add(group.data(), group.size(), lengths, opt.alpha);
+    } else {
+      split_tree(group, lengths, opt.budget, opt.alpha, items);
+      split_trees.push_back(tree_ids[j]);
+    }
+  }
+  return items;
+}
+
+// Bins as intrusive lists of items, in placement order.
+struct Bins {
+  std::vector<int64_t> first, last, tokens;
+  std::vector<double> cost;
+  std::vector<int64_t> next_item;  // per item
+
+  explicit Bins(int64_t num_items) : next_item(static_cast<size_t>(num_items), -1) {}
+  int64_t open() {
+    first.push_back(-1);
+    last.push_back(-1);
+    tokens.push_back(0);
+    cost.push_back(0.0);
+    return static_cast<int64_t>(first.size()) - 1;
+  }
+  void put(int64_t b, int64_t item, const Items& items) {
+    if (last[b] < 0) first[b] = item; else next_item[last[b]] = item;
+    last[b] = item;
+    tokens[b] += items.length[item];
+    cost[b] += items.cost[item];
+  }
+  int64_t size() const { return static_cast<int64_t>(first.size()); }
+};
+
+// Free-space index for best fit: a two-level bitset over space values 1..budget-1 finds the smallest
+// free space >= len; each space keeps a FIFO of the bins that have exactly that space.
+class SpaceIndex {
+ public:
+  explicit SpaceIndex(int64_t budget)
+      : words_((budget >> 6) + 1, 0), summary_((words_.size() >> 6) + 1, 0),
+        head_(static_cast<size_t>(budget) + 1, -1), tail_(static_cast<size_t>(budget) + 1, -1) {}
+
+  // Smallest space >= len with a waiting bin, or -1.
+  int64_t find(int64_t len) const {
+    size_t w = static_cast<size_t>(len >> 6);
+    if (w >= words_.size()) return -1;
+    uint64_t bits = words_[w] & (~0ull << (len & 63));
+    if (bits) return static_cast<int64_t>((w << 6) + __builtin_ctzll(bits));
+    size_t s = (w + 1) >> 6;
+    if (s >= summary_.size()) return -1;
+    uint64_t sb = ((w + 1) & 63) ? summary_[s] & (~0ull << ((w + 1) & 63)) : summary_[s];
+    while (true) {
+      if (sb) {
+        const size_t ww = (s << 6) + __builtin_ctzll(sb);
+        return static_cast<int64_t>((ww << 6) + __builtin_ctzll(words_[ww]));
+      }
+      if (++s >= summary_.size()) return -1;
+      sb = summary_[s];
+    }
+  }
+  void push(int64_t space, int64_t bin, std::vector<int64_t>& next) {
+    next[bin] = -1;
+    if (tail_[space] < 0) {
+      head_[space] = bin;
+      set(space);
+    } else {
+      next[tail_[space]] = bin;
+    }
+    tail_[space] = bin;
+  }
+  int64_t pop(int64_t space, const std::vector<int64_t>& next) {
+    const int64_t bin = head_[space];
+    head_[space] = next[bin];
+    if (head_[space] < 0) {
+      tail_[space] = -1;
+      clear(space);
+    }
+    return bin;
+  }
+
+ private:
+  void set(int64_t s) {
+    const size_t w = static_cast<size_t>(s >> 6);
+    words_[w] |= 1ull << (s & 63);
+    summary_[w >> 6] |= 1ull << (w & 63);
+  }
+  void clear(int64_t s) {
+    const size_t w = static_cast<size_t>(s >> 6);
+    words_[w] &= ~(1ull << (s & 63));
+    if (!words_[w]) summary_[w >> 6] &= ~(1ull << (w & 63));
+  }
+  std::vector<uint64_t> words_, summary_;
+  std::vector<int64_t> head_, tail_;
+};
+
+Bins best_fit_decreasing(const Items& items, int64_t budget) {
+  const int64_t n = items.size();
+  std::vector<uint64_t> keys(static_cast<size_t>(n));  // (budget - len, item): ascending = longest first
+  for (int64_t i = 0; i < n; ++i)
+    keys[i] = (static_cast<uint64_t>(budget - items.length[i]) << 40) | static_cast<uint64_t>(i);
+  std::sort(keys.begin(), keys.end());
+  Bins bins(n);
+  SpaceIndex index(budget);
+  std::vector<int64_t> wait_next;
+  for (uint64_t key : keys) {
+    const int64_t i = static_cast<int64_t>(key & ((1ull << 40) - 1));
+    const int64_t len = items.length[i];
+    const int64_t space = index.find(len);
+    int64_t b;
+    if (space >= 0) {
+      b = index.pop(space, wait_next);
+    } else {
+      b = bins.open();
+      wait_next.push_back(-1);
+    }
+    bins.put(b, i, items);
+    const int64_t left = budget - bins.tokens[b];
+    if (left > 0) index.push(left, b, wait_next);
+  }
+  return bins;
+}
+
+// LPT with a capacity check: each item (by cost, descending) goes to the cheapest bin (ties: lowest
+// id) with room for it. When no bin has room: with grow, R new empty bins open (one more micro-batch
+// per rank) and take it; without, returns false. Bins too full for the current item wait in a heap
+// keyed by room and come back once the items get short enough, so each step is O(log B) amortised.
+bool cheapest_fit(const Items& items, const std::vector<int64_t>& by_cost, int64_t budget, int64_t ranks,
+                  int64_t& per_rank, bool grow, Bins& bins) {
+  using Entry = std::pair<double, int64_t>;  // (cost, bin): min-heap
+  using Parked = std::pair<int64_t, int64_t>;  // (room, bin): max-heap
+  const auto by_cost_cmp = std::greater<Entry>();
+  std::vector<Entry> ready;
+  std::vector<Parked> parked;
+  auto open_bins = [&](int64_t count) {
+    for (int64_t c = 0; c < count; ++c) {
+      ready.push_back({0.0, bins.open()});
+      std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
+    }
+  };
+  open_bins(ranks * per_rank);
+  for (int64_t i : by_cost) {
+    const int64_t len = items.length[i];
+    while (!parked.empty() && parked.front().first >= len) {
+      std::pop_heap(parked.begin(), parked.end());
+      const int64_t b = parked.back().second;
+      parked.pop_back();
+      ready.push_back({bins.cost[b], b});
+      std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
+    }
+    int64_t chosen = -1;
+    while (chosen < 0) {
+      if (ready.empty()) {
+        if (!grow) return false;
+        open_bins(ranks);
+        ++per_rank;
+      }
+      std::pop_heap(ready.begin(), ready.end(), by_cost_cmp);
+      const int64_t b = ready.back().second;
+      ready.pop_back();
+      const int64_t room = budget - bins.tokens[b];
+      if (room >= len) {
+        chosen = b;
+      } else if (room > 0) {
+        parked.push_back({room, b});
+        std::push_heap(parked.begin(), parked.end());
+      }
+    }
+    bins.put(chosen, i, items);
+    ready.push_back({bins.cost[chosen], chosen});
+    std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
+  }
+  return true;
+}
+
+void emit(const Items& items, const Bins& bins, int64_t b, int32_t rank, const int64_t* ids, Plan& plan) {
+  for (int64_t i = bins.first[b]; i >= 0; i = bins.next_item[i])
+    for (int64_t k = items.offsets[i]; k < items.offsets[i + 1]; ++k) plan.order.push_back(ids[items.members[k]]);
+  plan.mb_offsets.push_back(static_cast<int64_t>(plan.order.size()));
+  plan.mb_rank.push_back(rank);
+  plan.mb_cost.push_back(bins.cost[b]);
+}
+
+}  // namespace
+
+Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_ids, int64_t m,
+               const PlanOptions& opt) {
+  if (opt.budget < 1 || opt.budget > (int64_t{1} << 24))
+    throw std::invalid_argument("budget must be in [1, 2^24] tokens, got " + std::to_string(opt.budget));
+  if (opt.ranks < 1) throw std::invalid_argument("ranks must be >= 1");
+  if (m >= (int64_t{1} << 40)) throw std::invalid_argument("too many samples");
+  for (int64_t j = 0; j < m; ++j)
+    if (lengths[j] < 1 || lengths[j] > opt.budget)
+      throw std::invalid_argument("sample " + std::to_string(ids[j]) + " has length " + std::to_string(lengths[j]) +
+                                  " outside [1, budget]");
+  Plan plan;
+  plan.mb_offsets.push_back(0);
+  plan.order.reserve(static_cast<size_t>(m));
+  const Items items = make_items(lengths, tree_ids, m, opt, plan.split_trees);
+  const int64_t R = opt.ranks;
+
+  if (opt.strategy == Strategy::kBestFitDecreasing) {
+    const Bins bins = best_fit_decreasing(items, opt.budget);
+    const int64_t B = bins.size();
+    std::vector<int64_t> at = opt.shuffle ? permutation(B, opt.seed) : std::vector<int64_t>();
+    for (int64_t k = 0; k < B; ++k) emit(items, bins, opt.shuffle ? at[k] : k, static_cast<int32_t>(k % R), ids, plan);
+    plan.micro_batches_per_rank = (B + R - 1) / R;
+    return plan;
+  }
+
+  // balanced
+  const int64_t n = items.size();
+  struct Key {
+    double cost;
+    int64_t len, i;
+  };
+  std::vector<Key> keys(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) keys[i] = {items.cost[i], items.length[i], i};
+  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
+    if (a.cost != b.cost) return a.cost > b.cost;
+    if (a.len != b.len) return a.len > b.len;
+    return a.i < b.i;
+  });
+  std::vector<int64_t> by_cost(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) by_cost[k] = keys[k].i;
+
+  // Start from the token lower bound; cheapest_fit adds micro-batches while some item fits nowhere.
+  int64_t K = opt.micro_batches_per_rank;
+  const bool fixed = K > 0;
+  if (!fixed) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += items.length[i];
+    K = std::max<int64_t>(1, ((total + opt.budget - 1) / opt.budget + R - 1) / R);
+  }
+  Bins bins(n);
+  if (!cheapest_fit(items, by_cost, opt.budget, R, K, !fixed, bins))
+    throw std::runtime_error("the samples do not fit in " + std::to_string(R) + " ranks x " + std::to_string(K) +
+                             " micro-batches of " + std::to_string(opt.budget) +
+                             " tokens; raise micro_batches_per_rank or leave it None");
+  plan.micro_batches_per_rank = K;
+
+  const int64_t B = R * K;
+  std::vector<int64_t> bin_order(static_cast<size_t>(B));
+  std::iota(bin_order.begin(), bin_order.end(), int64_t{0});
+  std::sort(bin_order.begin(), bin_order.end(), [&](int64_t a, int64_t b) {
+    if (bins.cost[a] != bins.cost[b]) return bins.cost[a] > bins.cost[b];
+    return a < b;
+  });
+  std::vector<double> total(static_cast<size_t>(R), 0.0);
+  std::vector<int64_t> slots(static_cast<size_t>(B));  // slots[s*R + r] = bin
+  std::vector<char> taken(static_cast<size_t>(R));
+  for (int64_t s = 0; s < K; ++s) {
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int64_t k = 0; k < R; ++k) {
+      const int64_t b = bin_order[s * R + k];
+      int64_t best = -1;
+      for (int64_t r = 0; r < R; ++r)
+        if (!taken[r] && (best < 0 || total[r] < total[best])) best = r;
+      taken[best] = 1;
+      total[best] += bins.cost[b];
+      slots[s * R + best] = b;
+    }
+  }
+  std::vector<int64_t> at = opt.shuffle ? permutation(K, opt.seed) : std::vector<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = opt.shuffle ? at[k] : k;
+    for (int64_t r = 0; r < R; ++r) emit(items, bins, slots[s * R + r], static_cast<int32_t>(r), ids, plan);
+  }
+  return plan;
+}
+
+}  // namespace leafe

@@ -1,0 +1,79 @@
+// Packer internals shared by the planning (pack_plan.cpp) and assembly (pack_build.cpp) files.
+// Plain C++17, no Python types: the bindings in packer.cpp convert numpy arrays to raw pointers and
+// release the GIL around these calls. The rules below are mirrored line for line by the Python
+// reference in leafe_fast/packing.py; a tie-break changed here must change there too.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace leafe {
+
+enum class Strategy : int { kBestFitDecreasing = 0, kBalanced = 1 };
+
+struct PlanOptions {
+  int64_t budget = 0;                  // tokens per micro-batch
+  Strategy strategy = Strategy::kBestFitDecreasing;
+  int64_t ranks = 1;                   // data-parallel ranks
+  int64_t micro_batches_per_rank = 0;  // balanced only; 0 = the fewest that fit
+  double alpha = 0.0;                  // cost = tokens + alpha * sum(len^2)
+  uint64_t seed = 0;
+  bool shuffle = true;                 // permute the micro-batch order (slots for balanced) with seed
+  bool keep_trees_together = false;
+};
+
+struct Plan {
+  std::vector<int64_t> order;        // sample ids, micro-batch after micro-batch
+  std::vector<int64_t> mb_offsets;   // [B+1] micro-batch b holds order[mb_offsets[b]:mb_offsets[b+1]]
+  std::vector<int32_t> mb_rank;      // [B]
+  std::vector<double> mb_cost;       // [B]
+  std::vector<int64_t> split_trees;  // trees longer than the budget, packed in several chunks
+  int64_t micro_batches_per_rank = 0;
+};
+
+// Plans the packing of m samples (ids[j], lengths[j] <= budget, lengths[j] >= 1, tree_ids[j]).
+// Throws std::invalid_argument for bad options and std::runtime_error when a fixed
+// micro_batches_per_rank cannot hold the samples.
+Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_ids, int64_t m,
+               const PlanOptions& opt);
+
+// Counts, per sample, the target tokens inside its kept window and the ones truncation removed.
+// A target at window position 0 is removed (its predictor was cut away).
+void count_targets(const uint8_t* mask, const int64_t* offsets, const int64_t* win_start, const int64_t* win_len,
+                   int64_t n, int64_t* kept, int64_t* removed);
+
+// Output layout of build_batches; every pointer is preallocated by the caller (sizes from the plan).
+struct BuildOutputs {
+  int32_t* input_ids;      // [T]
+  int32_t* position_ids;   // [T]
+  int32_t* cu_seqlens;     // [m + B]: micro-batch b owns [mb_offsets[b] + b, mb_offsets[b+1] + b + 1)
+  int64_t* rows;           // [M] index into the micro-batch's T
+  int64_t* targets;        // [M]
+  float* weights;          // [M]
+  int8_t* group;           // [M]
+};
+
+struct BuildInputs {
+  const int32_t* tokens;
+  const uint8_t* mask;
+  const int8_t* group;       // per sample
+  const float* weight;       // per sample
+  const int64_t* win_abs;    // per sample: absolute offset of the kept window in tokens
+  const int64_t* win_len;    // per sample
+  const int64_t* kept;       // per sample: targets inside the window
+  const int64_t* order;      // plan order
+  const int64_t* mb_offsets; // [B+1]
+  int64_t num_mb;
+};
+
+// Prefix sums of tokens and targets per micro-batch and each micro-batch's longest sample.
+void layout_batches(const BuildInputs& in, int64_t* mb_tok_off, int64_t* mb_tgt_off, int32_t* max_seqlen);
+
+// Fills the outputs; threads > 1 splits the micro-batches into contiguous token-balanced ranges.
+void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
+                   const BuildOutputs& out, int threads);
+
+// splitmix64: the one RNG both the C++ and the Python reference use for shuffles.
+uint64_t splitmix64_next(uint64_t& state);
+std::vector<int64_t> permutation(int64_t n, uint64_t seed);
+
+}  // namespace leafe

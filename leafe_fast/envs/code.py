@@ -1,0 +1,407 @@
+"""A CodeContests-style programming environment: each step submits a whole program.
+
+``reset(task)`` shows the statement and the public tests. ``step(action)`` takes the Python
+program from the action (the last ```python block; tolerant of other fences, a missing closing
+fence, or no fence at all), runs it in the :mod:`~leafe_fast.envs.sandbox` on the public tests,
+and, if they all pass, on the hidden tests. An episode is up to ``max_attempts`` submissions; it
+ends at the first accepted one.
+
+Feedback names the compile or runtime error, or the first failing test with its input, the
+expected and the actual output (each truncated to ``feedback_chars``). Hidden-test data appears in
+feedback only with ``reveal_hidden_tests=True`` (the default: LEAFE's reflection and the grounded
+reflector need the failing case; turn it off to keep hidden tests secret from the policy).
+
+Reward: 1.0 when every hidden test passes (success). Otherwise 0.0, or, with
+``partial_credit=True``, the fraction of all tests (public and hidden) passed; that mode runs every
+test on every attempt instead of stopping at the first failing set.
+
+Outputs are compared as whitespace-separated tokens: an expected integer must be matched by the
+same integer; other tokens match exactly or, when both parse as finite floats, within 1e-6
+absolute or relative error (the usual checker).
+
+Snapshots are immutable records of the attempts so far; judging is cached per (problem, program,
+limits), so replaying the same actions after ``restore`` gives the same observations even for a
+program whose running time sits at the time limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from leafe_fast.envs.base import GroundedReflection, Observation, StepResult, Task
+from leafe_fast.envs.codecontests import Problem, TestCase
+from leafe_fast.envs.sandbox import Limits, RunResult, Sandbox, Verdict
+
+__all__ = ["CodeEnv", "extract_program", "outputs_match"]
+
+WRONG_ANSWER = "wrong_answer"
+NO_CODE = "no_code"
+ACCEPTED = "accepted"
+
+_FENCE_OPEN = re.compile(r"^[ \t]*```+[ \t]*([A-Za-z0-9_+#.-]*)[^\n]*$", re.M)
+_PYTHON_TAGS = {"python", "python3", "py", "py3"}
+
+
+def extract_program(text: str) -> str | None:
+    """The program in a model's answer: the last ```python block, else the last untagged block,
+    else (no fences at all) the whole text. An unclosed last fence runs to the end of the text.
+    None when there is nothing, or only blocks in other languages."""
+    blocks: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        opening = _FENCE_OPEN.search(text, pos)
+        if opening is None:
+            break
+        body_start = opening.end() + 1
+        closing = re.compile(r"^[ \t]*```+[ \t]*$", re.M).search(text, body_start)
+        end = closing.start() if closing else len(text)
+        blocks.append((opening.group(1).lower(), text[body_start:end]))
+        pos = closing.end() if closing else len(text)
+    if not blocks:
+        stripped = text.strip()
+        return stripped + "\n" if stripped else None
+    for wanted in (_PYTHON_TAGS, {""}):
+        for tag, body in reversed(blocks):
+            if tag in wanted and body.strip():
+                return body.rstrip() + "\n"
+    return None
+
+
+def _is_int(token: str) -> bool:
+    return token.lstrip("+-").isdigit()
+
+
+def outputs_match(expected: str, actual: str, tolerance: float = 1e-6) -> bool:
+    """Token-wise comparison; see the module docstring."""
+    want, got = expected.split(), actual.split()
+    if len(want) != len(got):
+        return False
+    for a, b in zip(want, got):
+        if a == b:
+            continue
+        if _is_int(a):  # an integer answer must be that integer
+            if not (_is_int(b) and int(a) == int(b)):
+                return False
+            continue
+        try:
+            x, y = float(a), float(b)
+        except ValueError:
+            return False
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return False
+        if abs(x - y) > tolerance * max(1.0, abs(x)):
+            return False
+    return True
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The outcome of one submission; ``failing`` describes the first failing test, if any."""
+
+    verdict: str
+    passed: int
+    total: int
+    feedback: str
+    failing: dict[str, Any] | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict == ACCEPTED
+
+
+@dataclass(frozen=True)
+class Attempt:
+    code: str | None
+    judgement: Judgement
+    reward: float
+
+
+@dataclass(frozen=True)
+class CodeEnvState:
+    """What ``snapshot`` returns: immutable, picklable, cheap."""
+
+    task: Task | None
+    attempts: tuple[Attempt, ...] = ()
+    done: bool = False
+
+
+@dataclass
+class CodeEnv:
+    """See the module docstring. ``limits`` are the defaults; a problem's own time and memory
+    limits replace ``cpu_seconds`` and ``memory_bytes`` (capped by ``max_cpu_seconds``)."""
+
+    max_attempts: int = 3
+    limits: Limits = field(default_factory=lambda: Limits(cpu_seconds=2, wall_seconds=6))
+    max_cpu_seconds: float = 4.0
+    partial_credit: bool = False
+    reveal_hidden_tests: bool = True
+    feedback_chars: int = 300
+    cache_size: int = 256
+    sandbox: Sandbox | None = None
+    name: str = "code"
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.sandbox is None:
+            self.sandbox = Sandbox(limits=self.limits)
+        self._state = CodeEnvState(task=None)
+        self._problem: Problem | None = None
+        self._cache: OrderedDict[tuple, Judgement] = OrderedDict()
+
+    # -- Env protocol ------------------------------------------------------------------------
+
+    def instructions(self) -> str:
+        return (
+            "You solve competitive programming problems in Python 3. Each answer must contain one "
+            "complete program in a single ```python code block; it reads the input from standard "
+            "input and writes the answer to standard output. Only the standard library is "
+            "available; there is no network and no file system outside the working directory. "
+            f"You have up to {self.max_attempts} attempts; after a failed attempt you see the "
+            "error or the first failing test, and you answer with a corrected full program."
+        )
+
+    def reset(self, task: Task) -> Observation:
+        if task.env != self.name:
+            raise ValueError(f"CodeEnv got a task for environment {task.env!r} (task {task.task_id!r})")
+        self._problem = Problem.from_record(task.spec, where=f"task {task.task_id!r}")
+        self._state = CodeEnvState(task=task)
+        return self._statement()
+
+    def step(self, action: str) -> StepResult:
+        state = self._state
+        if state.task is None or self._problem is None:
+            raise RuntimeError("CodeEnv.step called before reset")
+        if state.done:
+            raise RuntimeError("CodeEnv.step called after the episode ended; call reset")
+        code = extract_program(action)
+        judgement = self._judge(code)
+        success = judgement.accepted
+        if success:
+            reward = 1.0
+        elif self.partial_credit and judgement.total:
+            reward = judgement.passed / judgement.total
+        else:
+            reward = 0.0
+        attempts = state.attempts + (Attempt(code, judgement, reward),)
+        done = success or len(attempts) >= self.max_attempts
+        self._state = CodeEnvState(task=state.task, attempts=attempts, done=done)
+        n = len(attempts)
+        if success:
+            observation = f"{judgement.feedback}\nThe problem is solved."
+        elif done:
+            observation = f"{judgement.feedback}\nAttempt {n} of {self.max_attempts} failed; no attempts left."
+        else:
+            observation = (
+                f"{judgement.feedback}\nAttempt {n} of {self.max_attempts} failed. Answer with a corrected "
+                "complete program in a ```python block."
+            )
+        info = {
+            "verdict": judgement.verdict,
+            "passed": judgement.passed,
+            "total": judgement.total,
+            "attempt": n,
+            "failing": judgement.failing,
+            "signature": _signature(judgement),
+        }
+        return StepResult(observation, reward, done, success, judgement.feedback, info)
+
+    def snapshot(self) -> CodeEnvState:
+        return self._state
+
+    def restore(self, snapshot: CodeEnvState) -> None:
+        if not isinstance(snapshot, CodeEnvState):
+            raise TypeError(f"CodeEnv.restore expects a CodeEnvState, got {type(snapshot).__name__}")
+        if snapshot.task is not None and (self._state.task is None or snapshot.task != self._state.task):
+            self._problem = Problem.from_record(snapshot.task.spec, where=f"task {snapshot.task.task_id!r}")
+        self._state = snapshot
+
+    def ground_reflection(self, history: list[StepResult]) -> GroundedReflection | None:
+        """Roll back to just before the first attempt of the trailing run of attempts that all
+        failed the same way (same verdict on the same test), and state that failure as the
+        experience. Attempts are independent programs, so the steps before that run stay useful
+        context; re-trying after them with the failing case in mind is the counterfactual."""
+        if not history or history[-1].success:
+            return None
+        signatures = [step.info.get("signature") for step in history]
+        last = signatures[-1]
+        first = len(history) - 1
+        while last is not None and first > 0 and signatures[first - 1] == last:
+            first -= 1
+        info = history[-1].info
+        if info.get("verdict") is None:  # not produced by this environment: fall back to the text
+            return GroundedReflection(len(history) - 1, "The previous attempt failed: " + _clip(history[-1].feedback, 600))
+        return GroundedReflection(first, _experience(info))
+
+    # -- judging -----------------------------------------------------------------------------
+
+    def _statement(self) -> str:
+        p = self._problem
+        assert p is not None
+        parts = [p.description.strip(), ""]
+        for i, t in enumerate(p.public_tests, 1):
+            parts += [f"Example {i} input:", "```", t.input.rstrip("\n"), "```", f"Example {i} output:", "```", t.output.rstrip("\n"), "```", ""]
+        limits = self._limits()
+        parts.append(f"Time limit: {limits.cpu_seconds:g} s. Memory limit: {limits.memory_bytes >> 20} MiB.")
+        parts.append("Answer with a complete Python 3 program in one ```python block.")
+        return "\n".join(parts)
+
+    def _limits(self) -> Limits:
+        p = self._problem
+        cpu = self.limits.cpu_seconds
+        memory = self.limits.memory_bytes
+        if p is not None and p.time_limit_seconds:
+            cpu = min(p.time_limit_seconds, self.max_cpu_seconds)
+        if p is not None and p.memory_limit_bytes:
+            memory = max(p.memory_limit_bytes, 64 << 20)
+        wall = max(self.limits.wall_seconds, 2 * cpu + 1)
+        return Limits(
+            cpu_seconds=cpu,
+            wall_seconds=wall,
+            memory_bytes=memory,
+            max_processes=self.limits.max_processes,
+            max_output_bytes=self.limits.max_output_bytes,
+            max_open_files=self.limits.max_open_files,
+        )
+
+    def _judge(self, code: str | None) -> Judgement:
+        p = self._problem
+        assert p is not None
+        total = len(p.public_tests) + len(p.hidden_tests)
+        if code is None:
+            return Judgement(NO_CODE, 0, total, "No Python program found: put the complete program in a ```python block.")
+        limits = self._limits()
+        key = (p.name, hashlib.sha256(code.encode()).hexdigest(), limits, self.partial_credit, self.reveal_hidden_tests)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        judgement = self._run_tests(code, p, limits)
+        self._cache[key] = judgement
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return judgement
+
+    def _run_tests(self, code: str, p: Problem, limits: Limits) -> Judgement:
+        assert self.sandbox is not None
+        sets = [(name, tests) for name, tests in (("public", p.public_tests), ("hidden", p.hidden_tests)) if tests]
+        total = sum(len(tests) for _, tests in sets)
+        if self.partial_credit:  # every test runs, in one launch
+            flat = self.sandbox.run_many(code, [t.input for _, tests in sets for t in tests], limits=limits)
+            per_set, start = [], 0
+            for _, tests in sets:
+                per_set.append(flat[start : start + len(tests)])
+                start += len(tests)
+        passed = 0
+        first_failure: Judgement | None = None
+        for k, (set_name, tests) in enumerate(sets):
+            if self.partial_credit:
+                results = per_set[k]
+            else:  # the hidden set runs only after the public one passed
+                results = self.sandbox.run_many(code, [t.input for t in tests], limits=limits, stop_on_error=True)
+            for i, (test, result) in enumerate(zip(tests, results), 1):
+                ok = result.ok and outputs_match(test.output, result.stdout)
+                passed += ok
+                if not ok and first_failure is None:
+                    first_failure = self._failure(set_name, i, test, result, limits)
+            if first_failure is not None and not self.partial_credit:
+                break
+        if first_failure is not None:
+            return Judgement(first_failure.verdict, passed, total, first_failure.feedback, first_failure.failing)
+        counts = f"{len(p.public_tests)} public, {len(p.hidden_tests)} hidden"
+        return Judgement(ACCEPTED, passed, total, f"Accepted: all {total} tests passed ({counts}).")
+
+    def _failure(self, set_name: str, index: int, test: TestCase, result: RunResult, limits: Limits) -> Judgement:
+        verdict = WRONG_ANSWER if result.ok else result.verdict.value
+        show = set_name == "public" or self.reveal_hidden_tests
+        c = self.feedback_chars
+        where = f"{set_name} test {index}"
+        failing: dict[str, Any] = {"set": set_name, "index": index, "verdict": verdict}
+        if result.verdict is Verdict.COMPILE_ERROR:
+            detail = _compile_message(result.stderr)
+            failing["detail"] = detail
+            return Judgement(verdict, 0, 0, f"Compile error: {detail}\n{_clip(result.stderr.strip(), c)}", failing)
+        if verdict == WRONG_ANSWER:
+            headline = f"Wrong answer on {where}."
+        elif result.verdict is Verdict.TIMEOUT:
+            headline = f"Time limit exceeded on {where} (limit {limits.cpu_seconds:g} s of CPU time)."
+        elif result.verdict is Verdict.MEMORY_LIMIT:
+            headline = f"Memory limit exceeded on {where} (limit {limits.memory_bytes >> 20} MiB)."
+        elif result.verdict is Verdict.OUTPUT_LIMIT:
+            headline = f"Output limit exceeded on {where} (limit {limits.max_output_bytes} bytes)."
+        elif result.verdict is Verdict.RUNTIME_ERROR:
+            headline = f"Runtime error on {where}: {result.describe().removeprefix('runtime error: ')}"
+        else:
+            headline = f"Program {result.describe()} on {where}."
+        lines = [headline]
+        failing["detail"] = "wrong answer" if verdict == WRONG_ANSWER else result.describe()
+        failing["input_chars"] = len(test.input)
+        if show:
+            failing.update(input=_clip(test.input, c), expected=_clip(test.output, c), actual=_clip(result.stdout, c))
+            lines += ["Input:", failing["input"].rstrip("\n"), "Expected output:", failing["expected"].rstrip("\n")]
+            if verdict == WRONG_ANSWER or result.stdout:
+                lines += ["Your output:", failing["actual"].rstrip("\n") or "(nothing)"]
+        if result.verdict is Verdict.RUNTIME_ERROR and result.stderr.strip():
+            lines += ["Error output (end):", _clip_tail(result.stderr.strip(), c)]
+        return Judgement(verdict, 0, 0, "\n".join(lines), failing)
+
+
+def _clip_tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _compile_message(stderr: str) -> str:
+    """'SyntaxError: ... (line N)' from a Python traceback."""
+    line_no = re.findall(r'line (\d+)', stderr)
+    last = [line for line in stderr.strip().splitlines() if line.strip()]
+    message = last[-1].strip() if last else "the program does not compile"
+    return f"{message} (line {line_no[-1]})" if line_no else message
+
+
+def _signature(j: Judgement) -> str:
+    if j.failing is None:
+        return j.verdict
+    return f"{j.verdict}@{j.failing['set']}:{j.failing['index']}"
+
+
+def _experience(info: dict[str, Any]) -> str:
+    """Advice for the branch, in the second person, from the failing attempt's info."""
+    verdict = info.get("verdict")
+    failing = info.get("failing") or {}
+    where = f"{failing.get('set', '')} test {failing.get('index', '')}".strip()
+    case = ""
+    if "input" in failing:
+        case = f" For input {failing['input']!r} the expected output is {failing['expected']!r}"
+        if verdict == WRONG_ANSWER:
+            case += f", but the program printed {failing['actual']!r}."
+        else:
+            case += "."
+    if verdict == NO_CODE:
+        return "The answer contained no program. Reply with the complete Python program in one ```python block."
+    if verdict == Verdict.COMPILE_ERROR.value:
+        return (f"The program did not compile: {failing.get('detail', '')}. Submit complete, syntactically valid "
+                "Python 3 in one ```python block.")
+    if verdict == WRONG_ANSWER:
+        return (f"The program gave a wrong answer on {where}.{case} Work through this input by hand, find the "
+                "case the algorithm mishandles, and fix it before submitting.")
+    if verdict == Verdict.TIMEOUT.value:
+        return (f"The program was too slow on {where} (input of {failing.get('input_chars', '?')} characters). "
+                "Use an asymptotically faster algorithm and read input with sys.stdin; avoid loops nested "
+                "over the whole input.")
+    if verdict == Verdict.MEMORY_LIMIT.value:
+        return f"The program ran out of memory on {where}. Store less: avoid large intermediate lists and tables."
+    if verdict == Verdict.OUTPUT_LIMIT.value:
+        return f"The program printed far too much on {where}. Print only the answer, once."
+    detail = failing.get("detail", "it crashed")
+    return (f"The program failed on {where} ({detail}).{case} Handle this case (check edge cases such as "
+            "minimal input, and the input format) before submitting.")

@@ -1,0 +1,138 @@
+"""Environments by name: ``make_env("sokoban")``, ``list_tasks("sokoban", "train", 8, seed=0)``.
+
+Every entry imports its module only when used, so the optional adapters (ALFWorld, ScienceWorld,
+WebShop, TextArena) cost nothing unless chosen, and a missing package fails with an error that
+names it. Users add their own environments with :func:`register_env`.
+
+Built in: ``sokoban``, ``code`` (``leafe_fast.envs.code.CodeEnv``; tasks from its ``list_tasks`` if
+it defines one, else the problems shipped in ``leafe_fast/envs/problems/`` or a user's JSONL),
+``alfworld``, ``scienceworld``, ``webshop``, ``textarena``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from leafe_fast.envs.base import Env, Task
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    """How to build an environment and list its tasks; both callables import lazily."""
+
+    make: Callable[..., Env]
+    tasks: Callable[..., list[Task]]
+    description: str = ""
+
+
+_ENTRIES: dict[str, EnvEntry] = {}
+
+
+def register_env(
+    name: str,
+    make: Callable[..., Env],
+    tasks: Callable[..., list[Task]],
+    description: str = "",
+    overwrite: bool = False,
+) -> None:
+    """Add an environment. ``tasks(split=, n=, seed=, **kwargs)`` must give disjoint splits."""
+    if name in _ENTRIES and not overwrite:
+        raise ValueError(f"environment {name!r} is already registered (pass overwrite=True to replace it)")
+    _ENTRIES[name] = EnvEntry(make, tasks, description)
+
+
+def available_envs() -> list[str]:
+    """Registered names (whether or not their optional packages are installed)."""
+    return sorted(_ENTRIES)
+
+
+def _entry(name: str) -> EnvEntry:
+    if name not in _ENTRIES:
+        raise KeyError(f"unknown environment {name!r}; registered: {', '.join(available_envs())}")
+    return _ENTRIES[name]
+
+
+def make_env(name: str, **kwargs: Any) -> Env:
+    """A fresh environment instance; ``kwargs`` go to its constructor."""
+    return _entry(name).make(**kwargs)
+
+
+def list_tasks(name: str, split: str = "train", n: int = 8, seed: int = 0, **kwargs: Any) -> list[Task]:
+    """``n`` tasks of ``split`` ("train", "val" or "test"), deterministic in ``seed``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return _entry(name).tasks(split=split, n=n, seed=seed, **kwargs)
+
+
+# ---------------------------------------------------------------------------- built-ins
+
+
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        target = getattr(importlib.import_module(module), attr, None)
+        if target is None:
+            raise ImportError(f"{module} does not define {attr!r}, which the environment registry expects")
+        return target(*args, **kwargs)
+
+    call.__name__ = f"{module}.{attr}"
+    return call
+
+
+def _adapter(name: str, attr: str) -> tuple[Callable[..., Env], Callable[..., list[Task]]]:
+    def make(**kwargs: Any) -> Env:
+        from leafe_fast.envs import adapters
+
+        return getattr(adapters, attr)(**kwargs)
+
+    def tasks(**kwargs: Any) -> list[Task]:
+        from leafe_fast.envs import adapters
+
+        return getattr(adapters, attr).tasks(**kwargs)
+
+    return make, tasks
+
+
+register_env(
+    "sokoban",
+    _lazy("leafe_fast.envs.sokoban", "SokobanEnv"),
+    _lazy("leafe_fast.envs.sokoban", "sokoban_tasks"),
+    "procedural, solver-checked Sokoban levels with deadlock feedback",
+)
+def _code_tasks(split: str, n: int, seed: int, path: str | None = None, **kwargs: Any) -> list[Task]:
+    """The code env's own ``list_tasks`` when it has one; otherwise the shipped problems (or the
+    CodeContests JSONL at ``path``), split by a stable hash of the task id (1/4 test, 1/4 val,
+    1/2 train), shuffled by ``seed``. Returns fewer than ``n`` when the split has fewer."""
+    code = importlib.import_module("leafe_fast.envs.code")
+    own = getattr(code, "list_tasks", None)
+    if own is not None:
+        return own(split=split, n=n, seed=seed, **({"path": path} if path else {}), **kwargs)
+    if kwargs:
+        raise TypeError(f"code tasks take only split, n, seed and path; got {sorted(kwargs)}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; use one of ['test', 'train', 'val']")
+    from leafe_fast.envs import codecontests
+
+    pool = codecontests.load_tasks(path) if path else codecontests.builtin_tasks()
+    bucket = {"test": (0,), "val": (1,), "train": (2, 3)}[split]
+    chosen = [t for t in pool if int(hashlib.sha256(t.task_id.encode()).hexdigest(), 16) % 4 in bucket]
+    random.Random(seed).shuffle(chosen)
+    return chosen[:n]
+
+
+register_env(
+    "code",
+    _lazy("leafe_fast.envs.code", "CodeEnv"),
+    _code_tasks,
+    "programming problems with public and hidden tests, run in a sandbox",
+)
+for _name, _attr, _text in [
+    ("alfworld", "ALFWorldEnv", "ALFWorld household text games (pip install alfworld)"),
+    ("scienceworld", "ScienceWorldEnv", "ScienceWorld science tasks (pip install scienceworld)"),
+    ("webshop", "WebShopEnv", "WebShop text shopping (install from the WebShop repository)"),
+    ("textarena", "TextArenaEnv", "single-player TextArena games (pip install textarena)"),
+]:
+    register_env(_name, *_adapter(_name, _attr), _text)

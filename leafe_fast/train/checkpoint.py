@@ -1,0 +1,221 @@
+"""Checkpoints that resume exactly, and a safetensors export transformers can load.
+
+A checkpoint is a directory ``<root>/step_<n>/`` holding model, optimizer and scheduler state, the
+trainer's own state (step, data position, seeds) and every RNG (python, numpy, torch CPU and CUDA).
+It is written under a temporary name and renamed when complete, and ``<root>/latest`` is replaced
+atomically after it, so a crash mid-save leaves the previous checkpoint intact and never a half one.
+
+Single process: one ``state.pt`` (``torch.save``). Under FSDP2: ``torch.distributed.checkpoint`` (each
+rank writes its shards; the optimizer state is resharded on load) plus one RNG file per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+LATEST = "latest"
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fix_python_rng(obj):
+    # random.getstate() is (version, tuple_of_ints, gauss); a round trip may turn tuples into lists.
+    v, internal, gauss = obj
+    return (v, tuple(internal), gauss)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    train_state: dict[str, Any],
+    keep_last: int | None = 2,
+) -> Path:
+    """Write ``root/step_<step>`` atomically and point ``root/latest`` at it; returns its path."""
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if _is_dist():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        dist.barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save({"scheduler": scheduler.state_dict(), "train_state": train_state}, tmp / "meta.pt")
+        dist.barrier()
+    else:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "train_state": train_state,
+                "rng": rng_state(),
+            },
+            tmp / "state.pt",
+        )
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        if keep_last:
+            for old in sorted(root.glob("step_*"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if _is_dist():
+        dist.barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (None when there is none)."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.exists():
+        cand = root / pointer.read_text().strip()
+        if cand.is_dir():
+            return cand
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore everything saved by :func:`save_checkpoint` in place; returns the trainer state."""
+    path = Path(path)
+    if _is_dist():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (path / ".metadata").exists():
+            raise FileNotFoundError(f"load_checkpoint: {path} is not a distributed checkpoint (no .metadata)")
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optimizer": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        meta = torch.load(path / "meta.pt", weights_only=False)
+        scheduler.load_state_dict(meta["scheduler"])
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if restore_rng and rng_file.exists():
+            st = torch.load(rng_file, weights_only=False)
+            st["python"] = _fix_python_rng(st["python"])
+            set_rng_state(st)
+        return meta["train_state"]
+    file = path / "state.pt"
+    if not file.exists():
+        raise FileNotFoundError(f"load_checkpoint: {file} does not exist (was it written by a distributed run?)")
+    state = torch.load(file, weights_only=False, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        state["rng"]["python"] = _fix_python_rng(state["rng"]["python"])
+        set_rng_state(state["rng"])
+    return state["train_state"]
+
+
+def export_pretrained(
+    wrapper: nn.Module,
+    hf_model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    prefix: str = "model.",
+) -> Path | None:
+    """Save ``hf_model`` as safetensors + config (+ tokenizer) loadable by ``from_pretrained``.
+
+    ``wrapper`` is the module whose state dict holds the weights (FSDP-sharded or not) under ``prefix``;
+    under FSDP2 the full state dict is gathered to rank 0 on the CPU. The directory appears atomically.
+    The saved config names stock SDPA attention, so transformers loads it without leafe-fast.
+    """
+    out_dir = Path(out_dir)
+    if _is_dist():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = {k: v.detach().cpu() for k, v in wrapper.state_dict().items()}
+    if _rank() != 0:
+        dist.barrier()
+        return None
+    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if prefix else full
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    impl = hf_model.config._attn_implementation
+    hf_model.config._attn_implementation = "sdpa"
+    try:
+        hf_model.save_pretrained(tmp, state_dict=sd)
+    finally:
+        hf_model.config._attn_implementation = impl
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    if _is_dist():
+        dist.barrier()
+    return out_dir

@@ -1,0 +1,105 @@
+"""Process groups and FSDP2 for the trainer.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) ``init_distributed`` starts a process group:
+NCCL on CUDA, gloo on the CPU (so the FSDP2 path is testable without a GPU). ``apply_fsdp`` shards the
+model with ``fully_shard``: every decoder layer is its own unit (gathered just before it runs, freed
+after), then the wrapper as the root unit holding embeddings, final norm and LM head.
+
+Gradient scaling: our loss is already normalized by the global token count of the step (all ranks), so
+each rank's loss is its share of one global sum and the gradients must be *summed* over ranks. FSDP2
+averages by default; ``apply_fsdp`` sets the divide factor to 1 (or, on torch versions without that
+setting, the trainer multiplies the loss by the world size: ``grad_scale_for_fsdp``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | torch.device | None = None, timeout_s: float = 600.0) -> DistInfo:
+    """Start (or join) the process group that torchrun described; a single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def apply_fsdp(
+    wrapper: nn.Module,
+    layers: list[nn.Module] | nn.ModuleList,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> bool:
+    """Shard each decoder layer, then the wrapper (root). Returns True when the gradient divide factor
+    could be set to 1 (sum over ranks); False means the caller must scale the loss by the world size."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(wrapper, mp_policy=mp)
+    units = [*layers, wrapper]
+    if not all(hasattr(u, "set_gradient_divide_factor") for u in units):
+        return False  # older FSDP2 builds: the caller scales the loss instead
+    # A divide factor of 1 is a PREMUL_SUM, which gloo lacks; forcing plain SUM gives the same result.
+    force_sum = dist.is_initialized() and dist.get_backend() == "gloo"
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        if force_sum:
+            if not hasattr(unit, "set_force_sum_reduction_for_comms"):
+                return False
+            unit.set_force_sum_reduction_for_comms(True)
+    return True
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks when distributed; identity otherwise."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,289 @@
+"""CodeEnv: statements, judging and feedback, episodes, exact snapshot/restore, grounded
+reflection; the CodeContests loader; the shipped problems are solvable by their references."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+
+from leafe_fast.envs.base import Env, Task
+from leafe_fast.envs.code import CodeEnv, extract_program, outputs_match
+from leafe_fast.envs.codecontests import Problem, builtin_problems, builtin_tasks, load_problems, load_tasks
+from leafe_fast.envs.sandbox import Limits
+
+LIMITS = Limits(cpu_seconds=1, wall_seconds=3, memory_bytes=128 << 20, max_processes=8)
+
+ADD = {
+    "name": "add-two",
+    "description": "Read two integers a and b and print a + b.",
+    "public_tests": {"input": ["1 2\n", "10 -3\n"], "output": ["3\n", "7\n"]},
+    "private_tests": {"input": ["0 0\n"], "output": ["0\n"]},
+    "generated_tests": {"input": ["1000000000 1000000000\n"], "output": ["2000000000\n"]},
+    "time_limit": {"seconds": 1, "nanos": 0},
+}
+ADD_TASK = Problem.from_record(ADD).to_task()
+RIGHT = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+WRONG_ON_PUBLIC_2 = "```python\na, b = map(int, input().split())\nprint(a + abs(b))\n```"
+WRONG_ON_HIDDEN_2 = "```python\na, b = map(int, input().split())\nprint(min(a + b, 10**9))\n```"
+SYNTAX = "```python\nprint(1 +\n```"
+CRASH = "```python\nprint(1 // 0)\n```"
+
+
+@pytest.fixture(scope="module")
+def env() -> CodeEnv:
+    return CodeEnv(max_attempts=3, limits=LIMITS)
+
+
+def test_code_env_satisfies_the_env_protocol(env: CodeEnv) -> None:
+    assert isinstance(env, Env)
+    assert "```python" in env.instructions()
+
+
+@pytest.mark.parametrize("problem", builtin_problems(), ids=lambda p: p.name)
+def test_shipped_problem_is_solved_by_its_reference(problem: Problem) -> None:
+    assert problem.public_tests and len(problem.hidden_tests) >= 4 and problem.solutions
+    env = CodeEnv(max_attempts=1)
+    env.reset(problem.to_task())
+    result = env.step(f"My solution:\n```python\n{problem.solutions[0]}```\n")
+    assert result.success and result.reward == 1.0 and result.done, result.feedback
+
+
+def test_shipped_problems_are_a_dozen_distinct_tasks() -> None:
+    tasks = builtin_tasks()
+    assert 8 <= len(tasks) <= 12
+    assert len({t.task_id for t in tasks}) == len(tasks)
+    assert all(t.env == "code" for t in tasks)
+    assert all(json.loads(json.dumps(t.spec)) == t.spec for t in tasks)  # specs are plain JSON
+
+
+def test_reset_shows_statement_and_public_tests_but_no_hidden_test(env: CodeEnv) -> None:
+    problem = next(p for p in builtin_problems() if p.name == "reverse-words")
+    observation = env.reset(problem.to_task())
+    assert problem.description.strip() in observation
+    for test in problem.public_tests:
+        assert test.input.strip() in observation and test.output.strip() in observation
+    assert "leafe learns from its errors" not in observation  # a hidden input
+    assert "Time limit: 2 s" in observation
+
+
+def test_accepted_program(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step(RIGHT)
+    assert (result.success, result.done, result.reward) == (True, True, 1.0)
+    assert result.info["verdict"] == "accepted" and result.info["passed"] == result.info["total"] == 4
+    assert "Accepted" in result.feedback
+
+
+def test_wrong_answer_names_first_failing_test_with_input_expected_actual(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step(WRONG_ON_PUBLIC_2)
+    assert (result.success, result.done, result.reward) == (False, False, 0.0)
+    assert result.feedback.splitlines()[0] == "Wrong answer on public test 2."
+    assert "10 -3" in result.feedback and "Expected output:\n7" in result.feedback
+    assert "Your output:\n13" in result.feedback
+    assert result.info["failing"]["actual"] == "13\n"
+    assert "Attempt 1 of 3 failed" in result.observation
+
+
+def test_hidden_tests_run_after_public_ones_pass(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step(WRONG_ON_HIDDEN_2)
+    assert not result.success
+    assert result.feedback.startswith("Wrong answer on hidden test 2.")
+    assert result.info["passed"] == 3  # two public, one hidden
+
+
+def test_hidden_test_data_can_stay_secret() -> None:
+    env = CodeEnv(limits=LIMITS, reveal_hidden_tests=False)
+    env.reset(ADD_TASK)
+    result = env.step(WRONG_ON_HIDDEN_2)
+    assert result.feedback == "Wrong answer on hidden test 2."
+    assert "1000000000" not in json.dumps(result.info)
+
+
+def test_compile_error_feedback_names_error_and_line(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step(SYNTAX)
+    assert result.info["verdict"] == "compile_error"
+    assert result.feedback.startswith("Compile error: SyntaxError")
+    assert "(line 1)" in result.feedback
+
+
+def test_runtime_error_feedback_names_exception_and_test(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step(CRASH)
+    assert result.info["verdict"] == "runtime_error"
+    assert result.feedback.startswith("Runtime error on public test 1: ZeroDivisionError")
+    assert "Input:\n1 2" in result.feedback
+
+
+def test_slow_program_gets_time_limit_feedback(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step("```python\nwhile True:\n    pass\n```")
+    assert result.info["verdict"] == "timeout"
+    assert result.feedback.startswith("Time limit exceeded on public test 1 (limit 1 s")
+
+
+def test_missing_program_counts_as_an_attempt(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    result = env.step("```cpp\nint main() {}\n```")
+    assert result.info["verdict"] == "no_code" and not result.done
+    assert "```python" in result.feedback
+
+
+def test_episode_ends_after_max_attempts(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    results = [env.step(WRONG_ON_PUBLIC_2) for _ in range(3)]
+    assert [r.done for r in results] == [False, False, True]
+    assert "no attempts left" in results[-1].observation
+    with pytest.raises(RuntimeError, match="episode ended"):
+        env.step(RIGHT)
+
+
+def test_step_before_reset_and_foreign_task_are_refused() -> None:
+    env = CodeEnv(limits=LIMITS)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(RIGHT)
+    with pytest.raises(ValueError, match="sokoban"):
+        env.reset(Task("level-1", "sokoban", {}))
+
+
+def test_partial_credit_reward_is_fraction_of_all_tests() -> None:
+    env = CodeEnv(limits=LIMITS, partial_credit=True)
+    env.reset(ADD_TASK)
+    result = env.step(WRONG_ON_HIDDEN_2)
+    assert result.reward == pytest.approx(3 / 4)
+    result = env.step(WRONG_ON_PUBLIC_2)  # 1 2, 0 0 and 1e9 1e9 pass; 10 -3 fails
+    assert result.reward == pytest.approx(3 / 4)
+    assert result.feedback.startswith("Wrong answer on public test 2.")
+
+
+def _play(env: CodeEnv, actions: list[str]) -> list[tuple]:
+    out = []
+    for action in actions:
+        if env.snapshot().done:
+            break
+        r = env.step(action)
+        out.append((r.observation, r.reward, r.done, r.success, r.feedback, json.dumps(r.info, sort_keys=True)))
+    return out
+
+
+def test_snapshot_restore_is_exact_on_random_action_sequences() -> None:
+    pool = [WRONG_ON_PUBLIC_2, WRONG_ON_HIDDEN_2, SYNTAX, CRASH, "no code at all (", RIGHT]
+    rng = random.Random(1234)
+    env = CodeEnv(max_attempts=4, limits=LIMITS)
+    other = CodeEnv(max_attempts=4, limits=LIMITS)
+    for _ in range(6):
+        env.reset(ADD_TASK)
+        actions = [rng.choice(pool) for _ in range(5)]
+        cut = rng.randint(0, 3)
+        _play(env, actions[:cut])
+        snap = env.snapshot()
+        first = _play(env, actions[cut:])
+        env.restore(snap)
+        assert env.snapshot() == snap
+        assert _play(env, actions[cut:]) == first
+        other.restore(pickle.loads(pickle.dumps(snap)))
+        assert _play(other, actions[cut:]) == first  # a pickled snapshot restores another env
+
+
+def test_ground_reflection_rolls_back_to_start_of_repeated_failure(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    history = [env.step(SYNTAX), env.step(WRONG_ON_PUBLIC_2), env.step(WRONG_ON_PUBLIC_2)]
+    reflection = env.ground_reflection(history)
+    assert reflection is not None
+    assert reflection.rollback_step == 1  # keep the syntax-error attempt, redo from the first wrong answer
+    assert "public test 2" in reflection.experience
+    assert "'10 -3\\n'" in reflection.experience and "'7\\n'" in reflection.experience
+    assert "'13\\n'" in reflection.experience
+
+
+def test_ground_reflection_on_single_failure_and_success(env: CodeEnv) -> None:
+    env.reset(ADD_TASK)
+    crash = env.step(CRASH)
+    reflection = env.ground_reflection([crash])
+    assert reflection is not None and reflection.rollback_step == 0
+    assert "ZeroDivisionError" in reflection.experience
+    solved = env.step(RIGHT)
+    assert env.ground_reflection([crash, solved]) is None
+    assert env.ground_reflection([]) is None
+
+
+@pytest.mark.parametrize(
+    "text, program",
+    [
+        ("```python\nprint(1)\n```", "print(1)\n"),
+        ("Idea first.\n```py\nx = 1\n```\nThen:\n```python3\nprint(2)\n```\nDone.", "print(2)\n"),
+        ("```\nprint(3)\n```", "print(3)\n"),
+        ("```python\nprint(4)\n", "print(4)\n"),  # unclosed fence: runs to the end
+        ("```python\nprint(5)\n```\n```\nplain text block\n```", "print(5)\n"),  # tagged beats untagged
+        ("print(6)", "print(6)\n"),  # no fences: the whole text
+        ("```cpp\nint main() {}\n```", None),
+        ("   \n", None),
+    ],
+)
+def test_extract_program(text: str, program: str | None) -> None:
+    assert extract_program(text) == program
+
+
+def test_outputs_match() -> None:
+    assert outputs_match("1 2\n3\n", "1  2 3")  # whitespace-insensitive
+    assert not outputs_match("1 2", "1 2 3")
+    assert not outputs_match("10", "10.0000001")  # an integer answer is exact
+    assert outputs_match("-7", "-07")
+    assert outputs_match("2.5", "2.5000000001")
+    assert outputs_match("0.3333333", "0.33333334")
+    assert not outputs_match("0.333", "0.334")
+    assert outputs_match("YES", "YES\n\n")
+    assert not outputs_match("YES", "yes")
+    assert not outputs_match("nan", "nan0")
+
+
+def _write_jsonl(path: Path, records: list) -> None:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+
+
+def test_loader_reads_codecontests_fields(tmp_path: Path) -> None:
+    record = dict(ADD, solutions={"language": [2, 3, 1], "solution": ["int main(){}", "print(sum(map(int, input().split())))", "print 1"]})
+    record.update(cf_rating=800, incorrect_solutions={"language": [], "solution": []}, memory_limit_bytes=0)
+    path = tmp_path / "problems.jsonl"
+    _write_jsonl(path, [record, "", dict(ADD, name="add-three", time_limit=2.5, memory_limit_bytes=64 << 20)])
+    first, second = load_problems(path)
+    assert first.name == "add-two" and len(first.public_tests) == 2
+    assert [t.input for t in first.hidden_tests] == ["0 0\n", "1000000000 1000000000\n"]  # private, then generated
+    assert first.time_limit_seconds == 1.0 and first.memory_limit_bytes is None
+    assert first.solutions == ("print(sum(map(int, input().split())))",)  # Python 3 only
+    assert second.time_limit_seconds == 2.5 and second.memory_limit_bytes == 64 << 20
+    assert len(load_problems(path, include_generated=False)[0].hidden_tests) == 1
+    gz = tmp_path / "problems.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert [t.task_id for t in load_tasks(gz)] == ["add-two", "add-three"]
+    assert Problem.from_record(first.to_record()) == Problem.from_record(dict(record, solutions=None))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "bad.jsonl:2: not valid JSON"),
+        ({"description": "x", "public_tests": {"input": ["1"], "output": ["1"]}}, "bad.jsonl:2: field 'name'"),
+        (dict(ADD, public_tests={"input": ["1", "2"], "output": ["1"]}), "2 inputs but 1 outputs"),
+        (dict(ADD, name="empty", public_tests=None, private_tests=None, generated_tests=None), "has no tests"),
+        (dict(ADD, time_limit="fast"), "time_limit"),
+        (ADD, "duplicate problem name 'add-two' \\(first on line 1\\)"),
+    ],
+)
+def test_loader_errors_name_line_and_field(tmp_path: Path, bad, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    _write_jsonl(path, [ADD, bad])
+    with pytest.raises(ValueError, match=message):
+        load_problems(path)
+
+
+def test_loader_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no problem file"):
+        load_problems(tmp_path / "absent.jsonl")
