@@ -4,12 +4,15 @@ Model: random init from a config written below (Qwen2.5-1.5B or 0.5B shapes; not
 Data: LEAFE-shaped samples, multi-turn (observation turns are context, action turns are targets, about
 25% target tokens, 70% rehearsal / 30% counterfactual), lengths uniform in [--min-len, --max-len].
 
-Peers (each: fresh model with the same seed, AdamW, optional activation checkpointing, same samples):
+Peers (each: fresh model with the same seed, AdamW, optional activation checkpointing, same samples, same
+precision: bf16-mixed on CUDA = fp32 master weights and AdamW state, bf16 autocast compute, which is what
+leafe-fast trains with by default and what HF's Trainer does with ``bf16=True``; fp32 on the CPU):
 
 - ``leafe-fast``        packed varlen micro-batches (best-fit-decreasing, --budget tokens), our varlen
                         attention, Liger RMSNorm/RoPE/SwiGLU when installed, fused LEAFE loss on hidden states
 - ``hf-padded-eager``   HF model (SDPA), padded batches of --hf-batch samples, labels -100, HF's own loss
                         (full [B, T, V] logits, eager cross-entropy)
+- ``hf-packed-eager``   HF model (SDPA), the same padding-free rows as below, HF's own loss (full logits)
 - ``hf-liger-packed``   HF model patched by Liger (RoPE, RMSNorm, SwiGLU, fused linear CE), padding-free
                         rows (samples concatenated, position_ids restart; HF builds the packed mask);
                         skipped with a note when liger-kernel or CUDA is missing
@@ -29,7 +32,7 @@ import gc
 import math
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,23 +102,37 @@ def _peak_mem(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _timed(steps: list[Callable[[], tuple[int, float]]], warmup: int, device: torch.device) -> dict[str, Any]:
-    """Run ``warmup`` steps untimed, the rest timed; each step returns (real tokens, loss)."""
-    first_loss = None
-    for fn in steps[:warmup]:
-        _, loss = fn()
-        first_loss = first_loss if first_loss is not None else loss
+def _measure(prepared: dict[str, dict[str, Any]], warmup: int, device: torch.device) -> None:
+    """Time the prepared peers' steps in place: warm-up steps untimed, then the rest.
+
+    With several peers prepared at once (the CPU mode) the timed steps are interleaved round-robin, so
+    load from other processes on a shared machine hits every peer alike. Each step returns
+    (real tokens, loss).
+    """
+    for res in prepared.values():
+        res.update(tokens=0, seconds=0.0, step_s=[], first_loss=None)
+        for fn in res["steps"][:warmup]:
+            _, loss = fn()
+            res["first_loss"] = loss if res["first_loss"] is None else res["first_loss"]
     _sync(device)
-    t0 = time.perf_counter()
-    tokens = 0
-    for fn in steps[warmup:]:
-        n, loss = fn()
-        tokens += n
-        first_loss = first_loss if first_loss is not None else loss
-    _sync(device)
-    dt = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "first_loss": first_loss,
-            "timed_steps": len(steps) - warmup}
+    rounds = max(len(r["steps"]) for r in prepared.values()) - warmup
+    for i in range(rounds):
+        for res in prepared.values():
+            if warmup + i >= len(res["steps"]):
+                continue
+            t0 = time.perf_counter()
+            n, loss = res["steps"][warmup + i]()
+            _sync(device)
+            dt = time.perf_counter() - t0
+            res["tokens"] += n
+            res["seconds"] += dt
+            res["step_s"].append(dt)
+            res["first_loss"] = loss if res["first_loss"] is None else res["first_loss"]
+    for res in prepared.values():
+        res["tokens_per_s"] = res["tokens"] / res["seconds"] if res["seconds"] else None
+        res["timed_steps"] = len(res["step_s"])
+        res["median_step_s"] = float(np.median(res["step_s"])) if res["step_s"] else None
+        del res["steps"]
 
 
 def _optimizer(model, device):
@@ -126,10 +143,10 @@ def run_leafe(args, cfg, samples, device, dtype) -> dict[str, Any]:
     from leafe_fast.packing import pack
     from leafe_fast.train import TrainConfig, Trainer, load_model
 
-    model = load_model(cfg, dtype=dtype, device=device, liger="auto", seed=args.seed)
+    model = load_model(cfg, dtype=dtype, precision=args.precision, device=device, liger="auto", seed=args.seed)
     trainer = Trainer(model, samples, TrainConfig(max_steps=10**6, token_budget=args.budget, grad_accum=1, lr=1e-5,
                                                   activation_checkpointing=args.ac, progress=False,
-                                                  peak_flops=None, max_grad_norm=1.0))
+                                                  peak_flops=None, max_grad_norm=1.0, precision=args.precision))
     mbs = pack(samples, args.budget, seed=args.seed).micro_batches
     need = args.warmup + args.steps
     mbs = (mbs * math.ceil(need / len(mbs)))[:need]
@@ -140,25 +157,27 @@ def run_leafe(args, cfg, samples, device, dtype) -> dict[str, Any]:
             return rec["tokens"], rec["loss"]
         return fn
 
-    res = _timed([step(mb) for mb in mbs], args.warmup, device)
-    res["liger_applied"] = bool(getattr(model, "leafe_liger", False))
     from leafe_fast.train.attention import select_backend
 
-    res["attention"] = select_backend(device, num_tokens=args.budget)
-    res["micro_batch_tokens"] = args.budget
-    del trainer, model
-    return res
+    return {"steps": [step(mb) for mb in mbs], "liger_applied": bool(getattr(model, "leafe_liger", False)),
+            "attention": select_backend(device, num_tokens=args.budget), "micro_batch_tokens": args.budget}
 
 
 def _hf_model(cfg, device, dtype, ac, seed, attn="sdpa"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype).to(device)
+    with torch.device(device):  # initialise on the device (a 1.5B init on the CPU alone takes minutes)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
     if ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
+
+
+def _autocast(device: torch.device, precision: str):
+    """The HF peers' forward context: bf16 autocast over fp32 weights for bf16-mixed, nothing otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
 def _labels(s: Sample) -> np.ndarray:
@@ -189,7 +208,8 @@ def run_hf_padded(args, cfg, samples, device, dtype) -> dict[str, Any]:
                 att[r, : len(s)] = 1
                 lab[r, : len(s)] = _labels(s)
             t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-            out = model(input_ids=t(ids), attention_mask=t(att), labels=t(lab))
+            with _autocast(device, args.precision):
+                out = model(input_ids=t(ids), attention_mask=t(att), labels=t(lab))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -197,10 +217,7 @@ def run_hf_padded(args, cfg, samples, device, dtype) -> dict[str, Any]:
             return int(att.sum()), float(out.loss.detach())
         return fn
 
-    res = _timed([step(b) for b in batches], args.warmup, device)
-    res["batch_size"] = args.hf_batch
-    del model, opt
-    return res
+    return {"steps": [step(b) for b in batches], "batch_size": args.hf_batch}
 
 
 def run_hf_liger_packed(args, cfg, samples, device, dtype) -> dict[str, Any]:
@@ -208,13 +225,19 @@ def run_hf_liger_packed(args, cfg, samples, device, dtype) -> dict[str, Any]:
 
     if not liger_fused_ce_available():
         return {"skipped": "liger-kernel on CUDA is not available here"}
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    return run_hf_packed(args, cfg, samples, device, dtype, liger=True)
 
+
+def run_hf_packed(args, cfg, samples, device, dtype, liger: bool = False) -> dict[str, Any]:
+    """Padding-free HF rows (position_ids restart per sample); HF's loss, or Liger's fused one."""
     from leafe_fast.packing import pack
 
     model = _hf_model(cfg, device, dtype, args.ac, args.seed)
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+    if liger:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
     opt = _optimizer(model, device)
     items = samples.to_samples()
     packs = pack(samples, args.budget, seed=args.seed).micro_batches
@@ -229,7 +252,8 @@ def run_hf_liger_packed(args, cfg, samples, device, dtype) -> dict[str, Any]:
             # inside the row, so the first label of each sample is -100
             lab = np.concatenate([_labels(items[j]) for j in mb.sample_ids])
             t = lambda x: torch.as_tensor(x, device=device)[None]  # noqa: E731
-            out = model(input_ids=t(ids), position_ids=t(pos), labels=t(lab))
+            with _autocast(device, args.precision):
+                out = model(input_ids=t(ids), position_ids=t(pos), labels=t(lab))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -237,13 +261,11 @@ def run_hf_liger_packed(args, cfg, samples, device, dtype) -> dict[str, Any]:
             return len(ids), float(out.loss.detach())
         return fn
 
-    res = _timed([step(mb) for mb in packs], args.warmup, device)
-    res["micro_batch_tokens"] = args.budget
-    del model, opt
-    return res
+    return {"steps": [step(mb) for mb in packs], "micro_batch_tokens": args.budget, "liger_applied": liger}
 
 
-PEERS = {"leafe-fast": run_leafe, "hf-padded-eager": run_hf_padded, "hf-liger-packed": run_hf_liger_packed}
+PEERS = {"leafe-fast": run_leafe, "hf-padded-eager": run_hf_padded, "hf-packed-eager": run_hf_packed,
+         "hf-liger-packed": run_hf_liger_packed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,15 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "bf16-pure", "fp32"],
+                   help="every peer's precision (auto: bf16-mixed on CUDA, fp32 on the CPU)")
     p.add_argument("--name", default=None, help="result file name (default: train_<device>_<config>)")
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.small
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    from leafe_fast.train.precision import master_dtype, resolve_precision
+
+    args.precision = resolve_precision(args.precision, device)
+    dtype = master_dtype(args.precision)  # parameter dtype of every peer (fp32 masters for bf16-mixed)
     defaults = (dict(config="qwen2.5-1.5b", samples=48, min_len=2048, max_len=8192, budget=16384, warmup=2, steps=6)
-                if cuda else dict(config="tiny", samples=24, min_len=128, max_len=1024, budget=2048, warmup=1,
-                                  steps=4))
+                if cuda else dict(config="tiny", samples=32, min_len=128, max_len=768, budget=1024, warmup=1,
+                                  steps=10))
     for k, v in defaults.items():
         if getattr(args, k.replace("-", "_")) is None:
             setattr(args, k.replace("-", "_"), v)
@@ -293,27 +320,44 @@ def main(argv: list[str] | None = None) -> int:
         peak_kind = "measured fp32 1024^3 matmul (CPU)"
     print(f"bench_train: {args.config} ({n_params / 1e6:.1f}M params w/o input embedding), {len(samples)} samples "
           f"{int(lengths.min())}-{int(lengths.max())} tokens, {100 * target_share:.1f}% targets, device {device}, "
+          f"precision {args.precision}, "
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_kind})")
 
     results: dict[str, Any] = {}
-    for name in args.peers.split(","):
+    names = args.peers.split(",")
+    interleave = not cuda  # GPU: one peer at a time (memory); CPU: all at once, steps interleaved
+    groups = [names] if interleave else [[n] for n in names]
+    for group in groups:
         _reset_mem(device)
         t0 = time.perf_counter()
+        prepared = {}
+        for name in group:
+            try:
+                prepared[name] = PEERS[name](args, cfg, samples, device, dtype)
+            except torch.cuda.OutOfMemoryError as exc:
+                results[name] = {"oom": str(exc).splitlines()[0]}
+        runnable = {k: v for k, v in prepared.items() if "steps" in v}
+        results.update({k: v for k, v in prepared.items() if "steps" not in v})
         try:
-            res = PEERS[name](args, cfg, samples, device, dtype)
+            _measure(runnable, args.warmup, device)
         except torch.cuda.OutOfMemoryError as exc:
-            res = {"oom": str(exc).splitlines()[0]}
-        if "tokens_per_s" in res:
-            res["mfu"] = res["tokens_per_s"] * 6 * n_params / peak
-            res["peak_mem_gib"] = _peak_mem(device)
-        res["wall_s"] = time.perf_counter() - t0
-        results[name] = res
+            runnable = {k: {"oom": str(exc).splitlines()[0]} for k in runnable}
+        for name, res in runnable.items():
+            if res.get("tokens_per_s"):
+                res["mfu"] = res["tokens_per_s"] * 6 * n_params / peak
+                res["peak_mem_gib"] = _peak_mem(device)
+            res["wall_s"] = time.perf_counter() - t0
+            results[name] = res
+        del prepared, runnable
+        _reset_mem(device)
+    for name in names:
+        res = results[name]
         shown = (f"{res['tokens_per_s']:,.0f} tok/s, MFU {100 * res['mfu']:.2f}%"
                  + (f", {res['peak_mem_gib']:.1f} GiB" if res.get("peak_mem_gib") else "")
-                 if "tokens_per_s" in res else res.get("skipped") or res.get("oom"))
+                 if res.get("tokens_per_s") else res.get("skipped") or res.get("oom"))
         print(f"  {name:18s} {shown}")
-        _reset_mem(device)
 
+    results = {n: results[n] for n in names}
     ours = results.get("leafe-fast", {}).get("tokens_per_s")
     peers = {k: v["tokens_per_s"] for k, v in results.items() if k != "leafe-fast" and "tokens_per_s" in v}
     best = max(peers.items(), key=lambda kv: kv[1]) if peers else None
@@ -332,21 +376,26 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_token": 6 * n_params,
         "peak_flops": peak,
         "peak_flops_kind": peak_kind,
-        "dtype": str(dtype),
+        "precision": args.precision,
+        "precision_detail": {"bf16-mixed": "fp32 master weights + AdamW state, bf16 autocast compute",
+                             "bf16-pure": "bf16 weights + AdamW state updated directly",
+                             "fp32": "fp32 weights and compute"}[args.precision],
+        "param_dtype": str(dtype),
         "activation_checkpointing": args.ac,
         "data": {"samples": len(samples), "min_len": int(lengths.min()), "max_len": int(lengths.max()),
                  "mean_len": float(lengths.mean()), "target_share": target_share,
                  "counterfactual_share": float(np.mean(samples.group == 1))},
         "budget": args.budget, "hf_batch": args.hf_batch, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "timing": "peers interleaved step by step (CPU)" if interleave else "one peer after another",
         "results": results,
         "speedup_vs_best_peer": ratio,
         "best_peer": best[0] if best else None,
         "env": env,
     }
     path = write_result(name, payload)
-    labels = list(results)
+    labels = names
     save_plot(name, labels, [results[k].get("tokens_per_s") for k in labels], ylabel="real tokens/s (higher is better)",
-              title=f"train {args.config} on {env['device']} ({dtype}); n/a = skipped or OOM")
+              title=f"train {args.config} on {env['device']} ({args.precision}); n/a = skipped or OOM")
     print(f"bench_train: wrote {path}")
     return 0
 

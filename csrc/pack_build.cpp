@@ -4,6 +4,9 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "packer.h"
 
@@ -45,6 +48,44 @@ void layout_batches(const BuildInputs& in, int64_t* mb_tok_off, int64_t* mb_tgt_
 
 namespace {
 
+// The outputs are written once and read much later (by the trainer), so on x86 the two big int32
+// streams bypass the cache: no read-for-ownership of fresh lines, about a third less memory traffic.
+void copy_tokens(int32_t* dst, const int32_t* src, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15); ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(int32_t));
+#endif
+}
+
+void write_positions(int32_t* dst, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15); ++i) dst[i] = static_cast<int32_t>(i);
+  __m128i v = _mm_add_epi32(_mm_set1_epi32(static_cast<int32_t>(i)), _mm_setr_epi32(0, 1, 2, 3));
+  const __m128i four = _mm_set1_epi32(4);
+  for (; i + 4 <= n; i += 4) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), v);
+    v = _mm_add_epi32(v, four);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<int32_t>(i);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int32_t>(i);
+#endif
+}
+
+// One loss row. Plain stores: targets come in short runs, where streaming stores measured slower.
+inline void put_target(const BuildOutputs& out, int64_t m, int64_t row, int32_t target, float w, int8_t g) {
+  out.rows[m] = row;
+  out.targets[m] = target;
+  out.weights[m] = w;
+  out.group[m] = g;
+}
+
 void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
                  const BuildOutputs& out, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -59,23 +100,33 @@ void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t
       const int64_t len = in.win_len[s];
       const int32_t* src = in.tokens + in.win_abs[s];
       const uint8_t* msk = in.mask + in.win_abs[s];
-      std::memcpy(ids + local, src, static_cast<size_t>(len) * sizeof(int32_t));
-      for (int64_t i = 0; i < len; ++i) pos[local + i] = static_cast<int32_t>(i);
+      copy_tokens(ids + local, src, len);
+      write_positions(pos + local, len);
       const float w = in.weight[s];
       const int8_t g = in.group[s];
       const int64_t m_end = m + in.kept[s];
-      for (int64_t i = 1; i < len && m < m_end; ++i) {
-        if (!msk[i]) continue;
-        out.rows[m] = local + i - 1;
-        out.targets[m] = src[i];
-        out.weights[m] = w;
-        out.group[m] = g;
-        ++m;
+      for (int64_t i = 1; i < len && m < m_end;) {
+        if (i + 8 <= len) {  // context spans are long: skip 8 mask bytes at a time
+          uint64_t word;
+          std::memcpy(&word, msk + i, sizeof(word));
+          if (word == 0) {
+            i += 8;
+            continue;
+          }
+        }
+        if (msk[i]) {
+          put_target(out, m, local + i - 1, src[i], w, g);
+          ++m;
+        }
+        ++i;
       }
       local += len;
       *cu++ = static_cast<int32_t>(local);
     }
   }
+#if defined(__SSE2__)
+  _mm_sfence();  // streaming stores visible before the thread is joined
+#endif
 }
 
 }  // namespace

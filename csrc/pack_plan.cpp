@@ -5,10 +5,14 @@
 //   space that still holds it (ties: the bin that reached that free space first); else a new bin.
 // balanced: R ranks x K micro-batches. Items by cost (tokens + alpha*len^2), descending; each goes to
 //   the cheapest bin (ties: lowest bin id) with room for it (LPT with a capacity check). K starts at
-//   the token lower bound and grows by one (R new bins) whenever an item fits nowhere. Bins are then sorted by cost and dealt
-//   in slots of R similar bins; within a slot the dearest bin goes to the rank with the lowest running
-//   total, so both each synchronous step and each rank's total stay balanced.
+//   the token lower bound and grows by one (R new bins) whenever an item fits nowhere. Bins are then
+//   sorted by cost and dealt in slots of R similar bins; within a slot the dearest bin goes to the
+//   rank with the lowest running total, so both each synchronous step and each rank's total balance.
+// Both run in O(n log B): a counting sort on length, a bitset of free-space values (best fit) and a
+// tournament tree over bins (cheapest fit).
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -134,27 +138,35 @@ Items make_items(const int64_t* lengths, const int64_t* tree_ids, int64_t m, con
   return items;
 }
 
-// Bins as intrusive lists of items, in placement order.
+// Bins as a bin id per item plus the items in placement order (no per-bin lists: emission scatters).
 struct Bins {
-  std::vector<int64_t> first, last, tokens;
+  std::vector<int64_t> tokens;
   std::vector<double> cost;
-  std::vector<int64_t> next_item;  // per item
+  std::vector<int64_t> bin_of;  // per item
+  std::vector<int64_t> placed;  // items in placement order
+  bool track_cost = true;
 
-  explicit Bins(int64_t num_items) : next_item(static_cast<size_t>(num_items), -1) {}
+  explicit Bins(int64_t num_items) : bin_of(static_cast<size_t>(num_items), -1) {
+    placed.reserve(static_cast<size_t>(num_items));
+  }
   int64_t open() {
-    first.push_back(-1);
-    last.push_back(-1);
     tokens.push_back(0);
     cost.push_back(0.0);
-    return static_cast<int64_t>(first.size()) - 1;
+    return static_cast<int64_t>(tokens.size()) - 1;
   }
   void put(int64_t b, int64_t item, const Items& items) {
-    if (last[b] < 0) first[b] = item; else next_item[last[b]] = item;
-    last[b] = item;
+    bin_of[item] = b;
+    placed.push_back(item);
     tokens[b] += items.length[item];
-    cost[b] += items.cost[item];
+    if (track_cost) cost[b] += items.cost[item];
   }
-  int64_t size() const { return static_cast<int64_t>(first.size()); }
+  // Costs summed per bin in placement order (the order the Python reference adds them in).
+  void finish_costs(const Items& items) {
+    if (track_cost) return;
+    for (int64_t i : placed) cost[bin_of[i]] += items.cost[i];
+    track_cost = true;
+  }
+  int64_t size() const { return static_cast<int64_t>(tokens.size()); }
 };
 
 // Free-space index for best fit: a two-level bitset over space values 1..budget-1 finds the smallest
@@ -218,17 +230,25 @@ class SpaceIndex {
   std::vector<int64_t> head_, tail_;
 };
 
+// Items longest first, ties by item id: a stable counting sort on length (lengths are <= budget).
+std::vector<int64_t> longest_first(const Items& items, int64_t budget) {
+  const int64_t n = items.size();
+  std::vector<int64_t> start(static_cast<size_t>(budget) + 2, 0);
+  for (int64_t i = 0; i < n; ++i) ++start[budget - items.length[i] + 1];
+  for (size_t v = 1; v < start.size(); ++v) start[v] += start[v - 1];
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[start[budget - items.length[i]]++] = i;
+  return order;
+}
+
 Bins best_fit_decreasing(const Items& items, int64_t budget) {
   const int64_t n = items.size();
-  std::vector<uint64_t> keys(static_cast<size_t>(n));  // (budget - len, item): ascending = longest first
-  for (int64_t i = 0; i < n; ++i)
-    keys[i] = (static_cast<uint64_t>(budget - items.length[i]) << 40) | static_cast<uint64_t>(i);
-  std::sort(keys.begin(), keys.end());
+  const std::vector<int64_t> by_len = longest_first(items, budget);
   Bins bins(n);
+  bins.track_cost = false;
   SpaceIndex index(budget);
   std::vector<int64_t> wait_next;
-  for (uint64_t key : keys) {
-    const int64_t i = static_cast<int64_t>(key & ((1ull << 40) - 1));
+  for (int64_t i : by_len) {
     const int64_t len = items.length[i];
     const int64_t space = index.find(len);
     int64_t b;
@@ -242,25 +262,54 @@ Bins best_fit_decreasing(const Items& items, int64_t budget) {
     const int64_t left = budget - bins.tokens[b];
     if (left > 0) index.push(left, b, wait_next);
   }
+  bins.finish_costs(items);
   return bins;
 }
+
+// Min (cost, bin) over the bins that may take the current item, as a tournament tree over bin ids:
+// a bin leaves the tournament (cost +inf) while it is too full and rejoins when items get shorter.
+class CheapestBins {
+ public:
+  using Key = std::pair<double, int64_t>;
+  explicit CheapestBins(int64_t capacity) { resize(capacity); }
+
+  const Key& best() const { return node_[1]; }
+  void set(int64_t bin, double cost) {
+    if (bin >= size_) {
+      std::vector<Key> leaves(node_.begin() + size_, node_.end());
+      resize(std::max(bin + 1, 2 * size_));
+      for (size_t k = 0; k < leaves.size(); ++k) node_[size_ + k] = leaves[k];
+      for (int64_t v = size_ - 1; v >= 1; --v) node_[v] = std::min(node_[2 * v], node_[2 * v + 1]);
+    }
+    int64_t v = size_ + bin;
+    node_[v] = {cost, bin};
+    for (v >>= 1; v >= 1; v >>= 1) node_[v] = std::min(node_[2 * v], node_[2 * v + 1]);
+  }
+  void remove(int64_t bin) { set(bin, kOut); }
+  static bool out(const Key& k) { return k.first == kOut; }
+
+ private:
+  static constexpr double kOut = std::numeric_limits<double>::infinity();
+  void resize(int64_t capacity) {
+    size_ = 1;
+    while (size_ < capacity) size_ <<= 1;
+    node_.assign(static_cast<size_t>(2 * size_), Key{kOut, std::numeric_limits<int64_t>::max()});
+  }
+  int64_t size_ = 1;
+  std::vector<Key> node_;
+};
 
 // LPT with a capacity check: each item (by cost, descending) goes to the cheapest bin (ties: lowest
 // id) with room for it. When no bin has room: with grow, R new empty bins open (one more micro-batch
 // per rank) and take it; without, returns false. Bins too full for the current item wait in a heap
-// keyed by room and come back once the items get short enough, so each step is O(log B) amortised.
+// keyed by room and rejoin once the items get short enough, so each step is O(log B) amortised.
 bool cheapest_fit(const Items& items, const std::vector<int64_t>& by_cost, int64_t budget, int64_t ranks,
                   int64_t& per_rank, bool grow, Bins& bins) {
-  using Entry = std::pair<double, int64_t>;  // (cost, bin): min-heap
   using Parked = std::pair<int64_t, int64_t>;  // (room, bin): max-heap
-  const auto by_cost_cmp = std::greater<Entry>();
-  std::vector<Entry> ready;
+  CheapestBins tree(ranks * per_rank);
   std::vector<Parked> parked;
   auto open_bins = [&](int64_t count) {
-    for (int64_t c = 0; c < count; ++c) {
-      ready.push_back({0.0, bins.open()});
-      std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
-    }
+    for (int64_t c = 0; c < count; ++c) tree.set(bins.open(), 0.0);
   };
   open_bins(ranks * per_rank);
   for (int64_t i : by_cost) {
@@ -269,49 +318,65 @@ bool cheapest_fit(const Items& items, const std::vector<int64_t>& by_cost, int64
       std::pop_heap(parked.begin(), parked.end());
       const int64_t b = parked.back().second;
       parked.pop_back();
-      ready.push_back({bins.cost[b], b});
-      std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
+      tree.set(b, bins.cost[b]);
     }
     int64_t chosen = -1;
     while (chosen < 0) {
-      if (ready.empty()) {
+      if (CheapestBins::out(tree.best())) {
         if (!grow) return false;
         open_bins(ranks);
         ++per_rank;
       }
-      std::pop_heap(ready.begin(), ready.end(), by_cost_cmp);
-      const int64_t b = ready.back().second;
-      ready.pop_back();
+      const int64_t b = tree.best().second;
       const int64_t room = budget - bins.tokens[b];
       if (room >= len) {
         chosen = b;
-      } else if (room > 0) {
-        parked.push_back({room, b});
-        std::push_heap(parked.begin(), parked.end());
+      } else {
+        tree.remove(b);
+        if (room > 0) {
+          parked.push_back({room, b});
+          std::push_heap(parked.begin(), parked.end());
+        }
       }
     }
     bins.put(chosen, i, items);
-    ready.push_back({bins.cost[chosen], chosen});
-    std::push_heap(ready.begin(), ready.end(), by_cost_cmp);
+    tree.set(chosen, bins.cost[chosen]);
   }
   return true;
 }
 
-void emit(const Items& items, const Bins& bins, int64_t b, int32_t rank, const int64_t* ids, Plan& plan) {
-  for (int64_t i = bins.first[b]; i >= 0; i = bins.next_item[i])
-    for (int64_t k = items.offsets[i]; k < items.offsets[i + 1]; ++k) plan.order.push_back(ids[items.members[k]]);
-  plan.mb_offsets.push_back(static_cast<int64_t>(plan.order.size()));
-  plan.mb_rank.push_back(rank);
-  plan.mb_cost.push_back(bins.cost[b]);
+// Writes the plan: bins in emission order (bin_seq[k] gets rank ranks_seq[k]); inside a bin, items in
+// placement order, members in input order.
+void emit(const Items& items, const Bins& bins, const std::vector<int64_t>& bin_seq,
+          const std::vector<int32_t>& rank_seq, const int64_t* ids, Plan& plan) {
+  const int64_t B = bins.size();
+  std::vector<int64_t> count(static_cast<size_t>(B), 0);
+  for (int64_t i : bins.placed) count[bins.bin_of[i]] += items.offsets[i + 1] - items.offsets[i];
+  std::vector<int64_t> cursor(static_cast<size_t>(B), 0);
+  int64_t at = 0;
+  for (size_t k = 0; k < bin_seq.size(); ++k) {
+    const int64_t b = bin_seq[k];
+    cursor[b] = at;
+    at += count[b];
+    plan.mb_offsets.push_back(at);
+    plan.mb_rank.push_back(rank_seq[k]);
+    plan.mb_cost.push_back(bins.cost[b]);
+  }
+  plan.order.resize(static_cast<size_t>(at));
+  for (int64_t i : bins.placed) {
+    int64_t& c = cursor[bins.bin_of[i]];
+    for (int64_t k = items.offsets[i]; k < items.offsets[i + 1]; ++k) plan.order[c++] = ids[items.members[k]];
+  }
 }
 
 }  // namespace
 
 Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_ids, int64_t m,
                const PlanOptions& opt) {
-  if (opt.budget < 1 || opt.budget > (int64_t{1} << 24))
-    throw std::invalid_argument("budget must be in [1, 2^24] tokens, got " + std::to_string(opt.budget));
+  if (opt.budget < 1 || opt.budget > (int64_t{1} << 22))
+    throw std::invalid_argument("budget must be in [1, 2^22] tokens, got " + std::to_string(opt.budget));
   if (opt.ranks < 1) throw std::invalid_argument("ranks must be >= 1");
+  if (!(opt.alpha >= 0.0) || !std::isfinite(opt.alpha)) throw std::invalid_argument("alpha must be finite and >= 0");
   if (m >= (int64_t{1} << 40)) throw std::invalid_argument("too many samples");
   for (int64_t j = 0; j < m; ++j)
     if (lengths[j] < 1 || lengths[j] > opt.budget)
@@ -319,34 +384,46 @@ Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_i
                                   " outside [1, budget]");
   Plan plan;
   plan.mb_offsets.push_back(0);
-  plan.order.reserve(static_cast<size_t>(m));
   const Items items = make_items(lengths, tree_ids, m, opt, plan.split_trees);
   const int64_t R = opt.ranks;
 
   if (opt.strategy == Strategy::kBestFitDecreasing) {
     const Bins bins = best_fit_decreasing(items, opt.budget);
     const int64_t B = bins.size();
-    std::vector<int64_t> at = opt.shuffle ? permutation(B, opt.seed) : std::vector<int64_t>();
-    for (int64_t k = 0; k < B; ++k) emit(items, bins, opt.shuffle ? at[k] : k, static_cast<int32_t>(k % R), ids, plan);
+    std::vector<int64_t> seq = opt.shuffle ? permutation(B, opt.seed) : std::vector<int64_t>();
+    if (!opt.shuffle) {
+      seq.resize(static_cast<size_t>(B));
+      std::iota(seq.begin(), seq.end(), int64_t{0});
+    }
+    std::vector<int32_t> rank_seq(static_cast<size_t>(B));
+    for (int64_t k = 0; k < B; ++k) rank_seq[k] = static_cast<int32_t>(k % R);
+    emit(items, bins, seq, rank_seq, ids, plan);
     plan.micro_batches_per_rank = (B + R - 1) / R;
     return plan;
   }
 
   // balanced
   const int64_t n = items.size();
-  struct Key {
-    double cost;
-    int64_t len, i;
-  };
-  std::vector<Key> keys(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) keys[i] = {items.cost[i], items.length[i], i};
-  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
-    if (a.cost != b.cost) return a.cost > b.cost;
-    if (a.len != b.len) return a.len > b.len;
-    return a.i < b.i;
-  });
-  std::vector<int64_t> by_cost(static_cast<size_t>(n));
-  for (int64_t k = 0; k < n; ++k) by_cost[k] = keys[k].i;
+  std::vector<int64_t> by_cost;
+  if (!opt.keep_trees_together) {
+    // One sample per item: cost rises strictly with length, so (cost desc, len desc, id asc) is the
+    // longest-first order best_fit_decreasing already computes with a counting sort.
+    by_cost = longest_first(items, opt.budget);
+  } else {
+    struct Key {
+      double cost;
+      int64_t len, i;
+    };
+    std::vector<Key> keys(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) keys[i] = {items.cost[i], items.length[i], i};
+    std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
+      if (a.cost != b.cost) return a.cost > b.cost;
+      if (a.len != b.len) return a.len > b.len;
+      return a.i < b.i;
+    });
+    by_cost.resize(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) by_cost[k] = keys[k].i;
+  }
 
   // Start from the token lower bound; cheapest_fit adds micro-batches while some item fits nowhere.
   int64_t K = opt.micro_batches_per_rank;
@@ -386,10 +463,16 @@ Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_i
     }
   }
   std::vector<int64_t> at = opt.shuffle ? permutation(K, opt.seed) : std::vector<int64_t>();
+  std::vector<int64_t> seq;
+  std::vector<int32_t> rank_seq;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t s = opt.shuffle ? at[k] : k;
-    for (int64_t r = 0; r < R; ++r) emit(items, bins, slots[s * R + r], static_cast<int32_t>(r), ids, plan);
+    for (int64_t r = 0; r < R; ++r) {
+      seq.push_back(slots[s * R + r]);
+      rank_seq.push_back(static_cast<int32_t>(r));
+    }
   }
+  emit(items, bins, seq, rank_seq, ids, plan);
   return plan;
 }
 

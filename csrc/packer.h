@@ -30,7 +30,7 @@ struct Plan {
   int64_t micro_batches_per_rank = 0;
 };
 
-// Plans the packing of m samples (ids[j], lengths[j] <= budget, lengths[j] >= 1, tree_ids[j]).
+// Plans the packing of m samples (ids[j], 1 <= lengths[j] <= budget <= 2^22, tree_ids[j]).
 // Throws std::invalid_argument for bad options and std::runtime_error when a fixed
 // micro_batches_per_rank cannot hold the samples.
 Plan make_plan(const int64_t* ids, const int64_t* lengths, const int64_t* tree_ids, int64_t m,

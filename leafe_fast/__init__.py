@@ -6,7 +6,10 @@ The public API, importable from here lazily (heavy modules load on first use):
 - ``pack``                         trees' samples into varlen micro-batches         (leafe_fast.packing)
 - ``explore``                      Stage-1 reflective tree exploration               (leafe_fast.explore)
 - ``build_samples``                trees -> rehearsal + counterfactual samples       (leafe_fast.data)
-- ``Trainer``                      Stage-2 trainer                                   (leafe_fast.train)
+- ``Trainer`` / ``TrainConfig``    Stage-2 trainer (one GPU or FSDP2), ``load_model`` (leafe_fast.train)
+- ``pass_at_k``                    unbiased pass@k estimator                         (leafe_fast.eval)
+
+Hugging Face Trainer / TRL users: ``leafe_fast.integrations.hf`` (``LeafeCollator``, ``LeafeLossMixin``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "leafe_loss": "leafe_fast.loss",
+    "leafe_loss_from_labels": "leafe_fast.loss",
+    "group_norms": "leafe_fast.loss",
     "LeafeLoss": "leafe_fast.loss",
     "pack": "leafe_fast.packing",
     "explore": "leafe_fast.explore",
+    "ExploreConfig": "leafe_fast.explore",
     "build_samples": "leafe_fast.data",
     "Trainer": "leafe_fast.train",
+    "TrainConfig": "leafe_fast.train",
+    "load_model": "leafe_fast.train",
+    "pass_at_k": "leafe_fast.eval",
 }
 
 __all__ = ["__version__", *_LAZY]

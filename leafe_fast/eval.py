@@ -118,11 +118,12 @@ def evaluate(
     ``chat`` is a ``leafe_fast.data.chat.ChatFormat`` (token-level template deltas). ``sampling``
     defaults to temperature 1.0 with the chat's end-of-turn ids as stops; each episode gets its own
     seed (``seed``, task and episode index) so a rerun is reproducible. ``max_turns`` caps episodes
-    whose environment never ends them; ``max_context_tokens`` ends an episode (as a failure) when
-    its context would outgrow the model.
+    whose environment never ends them; ``max_context_tokens`` (the model's positions) ends an episode
+    as a failure when its next prompt plus ``max_new_tokens`` would not fit.
 
     Returns ``{"n", "ks", "num_tasks", "success_rate", "pass@k": {k: mean}, "tasks": [TaskResult
-    as dict], "tokens": {"prompt", "output", "cached"}}``.
+    as dict], "tokens": {"prompt", "output", "cached"}, "cut_episodes"}`` (episodes ended by
+    ``max_turns`` or ``max_context_tokens`` rather than by the environment).
     """
     if n < 1:
         raise ValueError(f"evaluate: n must be >= 1, got {n}")
@@ -147,6 +148,7 @@ def evaluate(
     bar = _progress(len(episodes), progress)
     finished = 0
     successes = 0
+    cut = 0  # episodes ended by max_turns or max_context_tokens, not by the environment
     turn = 0
     while True:
         active = [e for e in episodes if not e.done]
@@ -155,7 +157,20 @@ def evaluate(
         if turn >= max_turns:
             for e in active:
                 e.done = True
+            cut += len(active)
+            bar.update(len(active))
             break
+        if max_context_tokens is not None:
+            room = max_context_tokens - len(ops.header_ids) - base.max_new_tokens
+            for e in [e for e in active if len(e.ids) > room]:
+                e.done = True  # out of context: a failure, as a deployed model would fail
+                finished += 1
+                cut += 1
+                bar.update(1)
+                bar.set_postfix(success=f"{successes / finished:.2f}")
+            active = [e for e in active if not e.done]
+            if not active:
+                break
         requests = []
         for e in active:
             ep_seed = _episode_seed(seed, e.task.task_id, e.index, turn)
@@ -174,7 +189,7 @@ def evaluate(
             e.steps += 1
             e.ret += float(step.reward)
             e.ids += ops.header_ids + list(res.output_ids) + ops.observation_ids(res.output_ids, step)
-            if step.done or (max_context_tokens is not None and len(e.ids) >= max_context_tokens):
+            if step.done:
                 e.done, e.success = True, bool(step.success)
                 finished += 1
                 successes += e.success
@@ -199,6 +214,7 @@ def evaluate(
         "pass@k": {k: float(np.mean(pass_at_k(n, c, k))) for k in ks},
         "tasks": [asdict(r) for r in results],
         "tokens": tokens,
+        "cut_episodes": cut,
     }
 
 

@@ -68,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     engine = HFEngine(str(args.model), device=args.device, max_batch_size=args.max_batch_size, seed=args.seed)
     chat = ChatFormat.from_tokenizer(engine.tokenizer)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    positions = getattr(engine.model.config, "max_position_embeddings", None)
     result = evaluate(
-        engine, chat, env, tasks, n=args.n, ks=args.k, sampling=sampling,
-        max_turns=args.max_turns, seed=args.seed, progress=not args.no_progress,
+        engine, chat, env, tasks, n=args.n, ks=args.k, sampling=sampling, max_turns=args.max_turns,
+        max_context_tokens=positions, seed=args.seed, progress=not args.no_progress,
     )
     engine.close()
     print(format_result(result, f"{args.env}/{args.split}"))

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_train_utils import ensure_packing
 
 from leafe_fast.cli import main
 from leafe_fast.data import SampleColumns, read_trees
-
-ensure_packing()  # a stand-in until leafe_fast.packing lands; a no-op once it is importable
 
 
 def test_demo_quick_mode_end_to_end(tmp_path, capsys):

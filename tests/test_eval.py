@@ -93,3 +93,26 @@ def test_evaluate_with_scripted_policy_on_sokoban():
     assert out["tokens"]["output"] > 0 and out["tokens"]["prompt"] > 0
     with pytest.raises(ValueError, match="every k"):
         evaluate(engine, chat, SokobanEnv(), tasks, n=2, ks=(3,), progress=False)
+
+
+def test_evaluate_ends_episodes_that_outgrow_the_context():
+    from leafe_fast.data.chat import ChatFormat
+    from leafe_fast.engines.scripted import ScriptedEngine
+    from leafe_fast.envs.sokoban import SokobanEnv, sokoban_tasks
+    from leafe_fast.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("qwen2")
+    chat = ChatFormat.from_tokenizer(tok)
+    tasks = sokoban_tasks("test", n=1, max_steps=20)
+    engine = ScriptedEngine(lambda req: "I wait.", encode=lambda s: tok.encode(s, add_special_tokens=False))
+    env = SokobanEnv()
+    prompt_len = len(chat.prompt_ids([{"role": "system", "content": env.instructions()},
+                                      {"role": "user", "content": env.reset(tasks[0])}]))
+    limit = prompt_len + 200  # room for a few turns only
+    out = evaluate(engine, chat, env, tasks, n=2, sampling=None, max_context_tokens=limit, progress=False)
+    assert out["cut_episodes"] == 2 and out["success_rate"] == 0.0
+    steps = out["tasks"][0]["steps"]
+    assert 0 < steps[0] < 20 and steps[0] == steps[1]
+    assert all(len(r.input_ids) + 64 <= limit for r in engine.requests)  # every prompt left room to answer
+    capped = evaluate(engine, chat, env, tasks, n=1, max_turns=3, progress=False)
+    assert capped["cut_episodes"] == 1 and capped["tasks"][0]["steps"] == [3]

@@ -7,9 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_train_utils import ensure_packing
-
-ensure_packing()  # a stand-in until leafe_fast.packing lands; a no-op once it is importable
 
 # The README's example, verbatim: the test executes this exact text.
 README_HF_EXAMPLE = '''
@@ -150,6 +147,8 @@ def test_collator_formats_and_errors():
         LeafeCollator(max_tokens=4)([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
     with pytest.raises(ValueError, match="empty batch"):
         coll([])
+    with pytest.raises(ValueError, match="no row of this batch has a target"):
+        coll([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
 
 
 def test_mixin_normalizes_over_accumulated_step(tmp_path):

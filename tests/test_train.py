@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train_utils import ensure_packing, random_samples, tiny  # noqa: E402
+from test_train_utils import random_samples, tiny  # noqa: E402
 
-ensure_packing()
 
 from leafe_fast.train import LeafeCausalLM, TrainConfig, Trainer, load_model  # noqa: E402
+from leafe_fast.train.model import as_batch  # noqa: E402
 
 
 def _reference_loss(model, samples, lambdas, mode="count"):
@@ -45,7 +45,7 @@ def test_accumulated_microbatches_equal_one_big_batch_and_plain_reference():
     for name, budget in (("small", 40), ("big", 1000)):
         model = load_model(cfg, dtype="float32", device="cpu", seed=7)
         wrapper = LeafeCausalLM(model, lambdas)
-        mbs = [mb.to_torch("cpu") for mb in pack(samples, budget, seed=0).micro_batches]
+        mbs = [as_batch(mb.to_torch("cpu")) for mb in pack(samples, budget, seed=0).micro_batches]
         if name == "small":
             assert len(mbs) >= 4
         else:
@@ -62,7 +62,7 @@ def test_accumulated_microbatches_equal_one_big_batch_and_plain_reference():
     ref_loss.backward()
     for name in ("small", "big"):
         g, total = grads[name]
-        assert abs(total - float(ref_loss)) < 1e-4, (name, total, float(ref_loss))
+        assert abs(total - float(ref_loss.detach())) < 1e-4, (name, total, float(ref_loss.detach()))
         for n, p in ref_model.named_parameters():
             torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
 
@@ -87,16 +87,18 @@ def _trainer(cfg, tok, samples, out, **kw):
     return Trainer(model, samples, TrainConfig(**conf), tokenizer=tok)
 
 
-def test_resume_gives_identical_losses(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_resume_gives_identical_losses(tmp_path, precision):
     tok, cfg = tiny("qwen2")
     samples = random_samples(14, len(tok), seed=3)
-    full = _trainer(cfg, tok, samples, tmp_path / "full")
+    full = _trainer(cfg, tok, samples, tmp_path / "full", precision=precision)
     assert full.steps_per_epoch < 6  # the run crosses an epoch boundary: the data position must survive
     want = full.train().losses
-    first = _trainer(cfg, tok, samples, tmp_path / "split")
+    first = _trainer(cfg, tok, samples, tmp_path / "split", precision=precision)
     part1 = first.train(steps=3).losses
     torch.manual_seed(1234)  # disturb the RNG: resume must restore it
-    second = _trainer(cfg, tok, samples, tmp_path / "split", resume=True)
+    # bf16-mixed too: the checkpoint holds the fp32 masters and AdamW state, so nothing is re-rounded
+    second = _trainer(cfg, tok, samples, tmp_path / "split", resume=True, precision=precision)
     assert second.step == 3
     part2 = second.train().losses
     assert len(want) == 6 and part1 + part2 == want  # bitwise on the CPU
@@ -146,10 +148,10 @@ def test_cli_train_on_tiny_samples_file(tmp_path, capsys):
     path = tmp_path / "samples.npz"
     random_samples(10, len(tok), seed=7).save(path)
     rc = main(["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "3",
-               "--budget", "64", "--lr", "1e-3", "--save-every", "2", "--no-progress"])
+               "--budget", "64", "--lr", "1e-3", "--save-every", "2", "--no-progress", "--precision", "bf16-mixed"])
     assert rc == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["tokens"] > 0
+    assert summary["steps"] == 3 and summary["tokens"] > 0 and summary["precision"] == "bf16-mixed"
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt").exists()
     assert "train: 3 steps" in capsys.readouterr().out
@@ -201,3 +203,126 @@ def test_throughput_and_mfu_arithmetic(tmp_path):
     log.write({"step": 2, "loss": torch.tensor(1.5).item()})
     log.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_empty_and_targetless_micro_batches_give_zero_loss_and_gradient():
+    tok, cfg = tiny("qwen2")
+    model = load_model(cfg, dtype="float32", device="cpu")
+    wrapper = LeafeCausalLM(model)
+    i32, i64 = torch.int32, torch.int64
+    empty = dict(input_ids=torch.zeros(0, dtype=i32), position_ids=torch.zeros(0, dtype=i32),
+                 cu_seqlens=torch.zeros(1, dtype=i32), max_seqlen=0, rows=torch.zeros(0, dtype=i64),
+                 targets=torch.zeros(0, dtype=i64), weights=torch.zeros(0), group=torch.zeros(0, dtype=torch.int8))
+    no_targets = dict(empty, input_ids=torch.randint(0, len(tok), (5,), dtype=i32),
+                      position_ids=torch.arange(5, dtype=i32), cu_seqlens=torch.tensor([0, 5], dtype=i32), max_seqlen=5)
+    for mb in (empty, no_targets):
+        out = wrapper(mb, torch.ones(2))
+        out.loss.backward()
+        assert float(out.loss.detach()) == 0.0
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def _precision_run(cfg, samples, precision, steps=4, lr=1e-3, device="cpu", **kw):
+    model = load_model(cfg, precision=precision, device=device, seed=1)
+    conf = dict(max_steps=steps, token_budget=64, grad_accum=2, lr=lr, progress=False, peak_flops=None,
+                precision=precision)
+    conf.update(kw)
+    return Trainer(model, samples, TrainConfig(**conf))
+
+
+def test_precision_resolution_and_load_dtypes():
+    from leafe_fast.train.precision import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16-mixed"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    _, cfg = tiny("qwen2")
+    for precision, want in (("auto", torch.float32), ("bf16-mixed", torch.float32), ("bf16-pure", torch.bfloat16)):
+        model = load_model(cfg, precision=precision, device="cpu")
+        assert {p.dtype for p in model.parameters()} == {want}, precision
+    # a bf16 model handed to a bf16-mixed trainer gains exact fp32 masters (upcasting loses nothing)
+    model = load_model(cfg, dtype="bfloat16", device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = Trainer(model, random_samples(4, cfg.vocab_size, seed=1),
+                TrainConfig(max_steps=1, precision="bf16-mixed", progress=False, peak_flops=None))
+    for n, p in t.hf_model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n].float()), n
+
+
+def test_bf16_mixed_keeps_fp32_master_and_tracks_fp32():
+    """bf16-mixed: fp32 parameters and AdamW state, bf16 matmuls, losses within bf16 rounding of fp32.
+
+    Tolerance: bf16 keeps 8 significand bits, a relative rounding of at most 2^-9 per value; the step loss
+    is a mean of per-target CEs whose independent rounding errors largely cancel, so the loss should stay
+    well within one bf16 ulp (2^-8 = 0.4%) of the fp32 run over these few steps at lr 1e-3; 4e-3
+    relative is that bound (measured: below 1e-4). bf16-pure is held to the same bound: its forward is
+    the same arithmetic, only its updates are coarser.
+    """
+    tok, cfg = tiny("qwen2")
+    samples = random_samples(12, len(tok), seed=2)
+    ref = _precision_run(cfg, samples, "fp32").train().losses
+    t = _precision_run(cfg, samples, "bf16-mixed")
+    compute = []
+    t.hf_model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: compute.append(o.dtype))
+    mixed = t.train().losses
+    assert compute and set(compute) == {torch.bfloat16}  # the matmuls ran in bf16 ...
+    assert all(p.dtype == torch.float32 for p in t.wrapper.parameters())  # ... updating fp32 masters
+    states = [v for st in t.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(states) == 2 * len(list(t.wrapper.parameters())) and all(v.dtype == torch.float32 for v in states)
+    assert mixed != ref  # bf16 compute really happened (not an fp32 run in disguise)
+    torch.testing.assert_close(torch.tensor(mixed), torch.tensor(ref), rtol=4e-3, atol=0.0)
+    assert t.train_state()["precision"] == "bf16-mixed"
+
+
+def test_small_update_is_kept_by_bf16_mixed_and_rounded_away_by_bf16_pure():
+    """The defect bf16-mixed fixes: an AdamW step of lr=1e-4 on a weight of 1.0 (every RMSNorm weight at
+    init) is below half a bf16 ulp at 1.0 (2^-9 ~ 2e-3), so bf16-pure rounds the new value back to 1.0 and
+    the step is lost; the fp32 master of bf16-mixed keeps it. Adam's first step is lr * g / (|g| + eps),
+    i.e. exactly +-lr for every weight with a nonzero gradient."""
+    lr = 1e-4
+    assert (torch.tensor(1.0, dtype=torch.bfloat16) - lr).item() == 1.0  # the rounding in question
+    tok, cfg = tiny("qwen2")
+    samples = random_samples(6, len(tok), seed=3)
+    deltas = {}
+    for precision in ("bf16-pure", "bf16-mixed"):
+        t = _precision_run(cfg, samples, precision, steps=1, lr=lr, grad_accum=8, max_grad_norm=None)
+        norms = {n: p for n, p in t.hf_model.named_parameters() if "norm" in n}
+        assert norms and all(bool((p == 1).all()) for p in norms.values())
+        t.train()
+        deltas[precision] = torch.cat([(p.detach().float() - 1).flatten() for p in norms.values()])
+    assert not deltas["bf16-pure"].any()  # every update of the norm weights was rounded away
+    moved = deltas["bf16-mixed"].abs()
+    assert (moved > 0).float().mean() > 0.9  # bf16-mixed kept them ...
+    # ... as steps of lr, up to the eps term (lr * eps / |g|, visible for the smallest gradients) and fp32
+    # rounding at 1.0 (3e-8): 1% is far from both 0 (bf16-pure) and a doubled step
+    torch.testing.assert_close(moved[moved > 0], torch.full_like(moved[moved > 0], lr), rtol=1e-2, atol=0.0)
+
+
+def test_resume_refuses_another_precision(tmp_path):
+    tok, cfg = tiny("qwen2")
+    samples = random_samples(6, len(tok), seed=4)
+    t = _precision_run(cfg, samples, "bf16-mixed", steps=1, output_dir=str(tmp_path), save_every=1)
+    t.train()
+    with pytest.raises(ValueError, match="precision"):
+        _precision_run(cfg, samples, "fp32", steps=2, output_dir=str(tmp_path), resume=True)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_tracks_cpu_fp32():
+    """The GPU path (bf16-mixed and bf16-pure, fused AdamW, Triton loss on bf16 operands, flash/torch varlen
+    attention) follows the CPU fp32 run; bf16-mixed keeps fp32 parameters."""
+    tok, cfg = tiny("qwen2", hidden_size=128, intermediate_size=256)
+    samples = random_samples(16, len(tok), lo=8, hi=200, seed=9)
+    losses = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "bf16-mixed"), ("cuda", "bf16-pure")):
+        t = _precision_run(cfg, samples, precision, device=device, token_budget=512)
+        losses[precision] = t.train().losses
+        if precision == "bf16-mixed":
+            assert all(p.dtype == torch.float32 for p in t.wrapper.parameters())
+    for precision in ("bf16-mixed", "bf16-pure"):
+        torch.testing.assert_close(torch.tensor(losses[precision]), torch.tensor(losses["fp32"]), rtol=3e-2,
+                                   atol=3e-2)

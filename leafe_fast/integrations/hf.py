@@ -127,20 +127,22 @@ def pack_one(samples: Sequence[Sample]) -> dict[str, Any]:
     from leafe_fast.packing import pack
 
     cols = SampleColumns.from_samples(list(samples))
-    packing = pack(cols, max(1, int(cols.lengths.sum())), seed=0)
+    if not cols.target_mask.any():
+        raise ValueError("LeafeCollator: no row of this batch has a target token (every label is -100)")
+    packing = pack(cols, max(1, int(cols.lengths.sum())), seed=0, shuffle=False)
     mbs = list(packing.micro_batches)
     if len(mbs) != 1:
         raise RuntimeError(f"LeafeCollator: expected one micro-batch for the whole batch, the packer made {len(mbs)}")
-    mb = mbs[0].to_torch("cpu")
+    mb = mbs[0].to_torch()
     return {
-        "input_ids": mb.input_ids.long().reshape(1, -1),
-        "position_ids": mb.position_ids.long().reshape(1, -1),
-        "cu_seqlens": mb.cu_seqlens.to(torch.int32),
-        "max_seqlen": int(mb.max_seqlen),
-        "rows": mb.rows.long(),
-        "targets": mb.targets.long(),
-        "weights": mb.weights.float(),
-        "group": mb.group.long(),
+        "input_ids": mb["input_ids"].long().reshape(1, -1),
+        "position_ids": mb["position_ids"].long().reshape(1, -1),
+        "cu_seqlens": mb["cu_seqlens"].to(torch.int32),
+        "max_seqlen": int(mb["max_seqlen"]),
+        "rows": mb["rows"].long(),
+        "targets": mb["targets"].long(),
+        "weights": mb["weights"].float(),
+        "group": mb["group"].long(),
     }
 
 

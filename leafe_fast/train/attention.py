@@ -201,6 +201,12 @@ def leafe_varlen_attention(
     if dropout:
         raise NotImplementedError("leafe_varlen attention has no dropout; set attention_dropout=0 in the config")
     batch, heads, total, head_dim = query.shape
+    dev_type = query.device.type
+    if torch.is_autocast_enabled(dev_type):
+        # bf16-mixed: with fp32 parameters the RoPE tables are fp32, so q and k arrive fp32 next to a bf16 v.
+        # The flash kernels take one 16-bit dtype; autocast does not reach them, so cast as it would.
+        dt = torch.get_autocast_dtype(dev_type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     if attention_mask is None and batch == 1 and key.shape[2] == total:
         cu = kwargs.get("cu_seq_lens_q")
         max_len = kwargs.get("max_length_q")

@@ -2,7 +2,7 @@
 
     leafe-fast train --samples samples.npz --model tiny --out runs/tiny --steps 20        # CPU, seconds
     leafe-fast train --samples samples.npz --model /models/Qwen2.5-1.5B --out runs/q15 \\
-        --epochs 2 --budget 16384 --grad-accum 4 --lr 1e-5 --activation-checkpointing    # one GPU
+        --epochs 2 --budget 16384 --grad-accum 4 --lr 1e-5 --activation-checkpointing    # one GPU, bf16-mixed
     torchrun --nproc-per-node 8 -m leafe_fast.cli train ...                             # FSDP2
 
 Writes ``<out>/metrics.jsonl``, ``<out>/checkpoints/step_*`` (with --save-every) and the trained model as
@@ -40,7 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="normalize each group by its target count or by its summed sample weights")
     p.add_argument("--z-loss", type=float, default=0.0, help="z-loss coefficient (0: off)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "bf16-pure", "fp32"],
+                   help="bf16-mixed: fp32 master weights and AdamW state, bf16 compute (the CUDA default); "
+                        "bf16-pure: bf16 weights updated directly (less memory, small updates are lost); "
+                        "fp32 (the CPU default)")
+    p.add_argument("--dtype", default="auto",
+                   help="parameter dtype at load (auto: from --precision; a mismatch is cast by the trainer)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--attn", default="auto",
                    help="attention: auto, flash_attn, torch_varlen, sdpa_mask or loop")
@@ -63,11 +68,13 @@ def _model_and_tokenizer(args, device):
 
         tok = tiny_tokenizer("qwen2" if args.tiny_family == "qwen2" else "llama3")
         cfg = tiny_config(tok, args.tiny_family)
-        model = load_model(cfg, dtype=args.dtype, device=device, attn=args.attn, liger=liger, seed=args.seed)
+        model = load_model(cfg, dtype=args.dtype, precision=args.precision, device=device, attn=args.attn,
+                           liger=liger, seed=args.seed)
         return model, tok
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: not a local directory and not 'tiny'")
-    model = load_model(args.model, dtype=args.dtype, device=device, attn=args.attn, liger=liger)
+    model = load_model(args.model, dtype=args.dtype, precision=args.precision, device=device, attn=args.attn,
+                       liger=liger)
     tok = None
     try:
         from transformers import AutoTokenizer
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm or None, lambdas=tuple(args.lambdas), norm_mode=args.norm_mode,
         z_loss=args.z_loss, activation_checkpointing=args.activation_checkpointing, seed=args.seed,
         save_every=args.save_every, resume=args.resume, export=not args.no_export, log_every=args.log_every,
-        progress=not args.no_progress,
+        progress=not args.no_progress, precision=args.precision,
     )
     trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
     summary = trainer.train()

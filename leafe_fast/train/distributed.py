@@ -67,13 +67,21 @@ def apply_fsdp(
     reduce_dtype: torch.dtype | None = torch.float32,
 ) -> bool:
     """Shard each decoder layer, then the wrapper (root). Returns True when the gradient divide factor
-    could be set to 1 (sum over ranks); False means the caller must scale the loss by the world size."""
+    could be set to 1 (sum over ranks); False means the caller must scale the loss by the world size.
+
+    bf16-mixed: ``param_dtype=bf16`` over fp32 parameters: the shards (and AdamW state) stay fp32, each
+    unit gathers bf16 copies for its forward/backward, and gradients are reduce-scattered in
+    ``reduce_dtype`` (fp32) into fp32 shard gradients. None keeps the parameters' own dtype for compute.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(wrapper, mp_policy=mp)
+    # The root's forward inputs are the micro-batch and the per-group normalizers: casting those floats to
+    # bf16 (the default for the root) would round the token counts the loss divides by (e.g. 1001 -> 1000).
+    root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    fully_shard(wrapper, mp_policy=root_mp)
     units = [*layers, wrapper]
     if not all(hasattr(u, "set_gradient_divide_factor") for u in units):
         return False  # older FSDP2 builds: the caller scales the loss instead

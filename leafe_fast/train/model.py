@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from leafe_fast.train.attention import VARLEN_ATTENTION, register_varlen_attention, set_backend
+from leafe_fast.train.attention import BACKENDS, register_varlen_attention, set_backend
+from leafe_fast.train.precision import master_dtype, resolve_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -38,6 +41,7 @@ def load_model(
     path_or_config: Any,
     *,
     dtype: str | torch.dtype | None = None,
+    precision: str = "auto",
     device: str | torch.device | None = None,
     attn: str = "auto",
     liger: bool | str = "auto",
@@ -50,12 +54,17 @@ def load_model(
     init with ``seed``). attn: "auto" (our varlen attention, fastest backend), one of the varlen backends
     ("flash_attn", "torch_varlen", "sdpa_mask", "loop") to force it, or a stock transformers name
     ("sdpa", "eager") for unpacked use. liger: apply Liger RMSNorm/RoPE/SwiGLU ("auto": on CUDA if installed).
+    dtype: the parameter dtype; None/"auto" takes it from ``precision`` (see
+    :mod:`leafe_fast.train.precision`): fp32 master weights for "bf16-mixed" (the CUDA default) and
+    "fp32", bf16 for "bf16-pure".
     """
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = resolve_dtype(dtype, device)
-    from leafe_fast.train.attention import BACKENDS
+    if dtype in (None, "auto"):
+        torch_dtype = master_dtype(resolve_precision(precision, device))
+    else:
+        torch_dtype = resolve_dtype(dtype, device)
 
     if attn == "auto" or attn in BACKENDS:
         impl = register_varlen_attention()
@@ -66,7 +75,8 @@ def load_model(
         # transformers writes the attention choice into the config object: copy it so that two models
         # built from one config (say packed and stock) do not share that choice.
         path_or_config = copy.deepcopy(path_or_config)
-        with torch.random.fork_rng(devices=[]):
+        # Built directly on the target device: a 1.5B random init on the CPU alone takes minutes.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(path_or_config, attn_implementation=impl, dtype=torch_dtype)
     elif isinstance(path_or_config, (str, os.PathLike)):
@@ -142,37 +152,77 @@ def packed_logits(model: nn.Module, input_ids, position_ids, cu_seqlens, max_seq
 class LeafeCausalLM(nn.Module):
     """A causal LM whose forward takes a packed micro-batch and returns the LEAFE loss.
 
-    ``forward(batch, norms)`` with ``batch`` a ``MicroBatch`` on the model's device (tensors
+    ``forward(batch, norms)`` with ``batch`` = ``MicroBatch.to_torch(device)`` (a dict or an object of tensors
     ``input_ids, position_ids, cu_seqlens, rows, targets, weights, group`` and int ``max_seqlen``) and
     ``norms [G]`` the global per-group normalizers of this optimizer step.
+
+    autocast_dtype: run the decoder under ``torch.autocast`` in this dtype (bf16-mixed on one process:
+    fp32 parameters, bf16 matmuls). None: compute in the parameters' own dtype (fp32, bf16-pure, or the
+    bf16 copies FSDP2's mixed-precision policy gathers).
     """
 
-    def __init__(self, model: nn.Module, lambdas: Sequence[float] = (1.0, 1.0), z_loss: float = 0.0):
+    def __init__(self, model: nn.Module, lambdas: Sequence[float] = (1.0, 1.0), z_loss: float = 0.0,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.lambdas = tuple(float(x) for x in lambdas)
         self.z_loss = float(z_loss)
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, batch: Any, norms: torch.Tensor):
         from leafe_fast.loss import leafe_loss
 
-        hidden = packed_hidden_states(
-            self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, int(batch.max_seqlen)
-        )
+        batch = as_batch(batch)
+        input_ids, position_ids, cu, max_len = batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+        if input_ids.numel() == 0:
+            # An empty micro-batch (the balanced packer gives one to a rank with nothing left) still runs
+            # one dummy token: under FSDP every rank must take part in every gather and reduce.
+            input_ids = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+            position_ids = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+            cu = torch.tensor([0, 1], dtype=torch.int32, device=input_ids.device)
+            max_len = 1
+        device_type = input_ids.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            hidden = packed_hidden_states(self.model, input_ids, position_ids, cu, int(max_len))
         head = lm_head(self.model)
-        return leafe_loss(
-            hidden,
-            head.weight,
-            batch.rows,
-            batch.targets,
-            batch.weights,
-            batch.group,
-            lambdas=self.lambdas,
-            norms=norms,
-            bias=head.bias,
-            z_loss=self.z_loss,
-            reduction="sum",
-        )
+        # The fused loss needs hidden and LM-head weight in one dtype. Under autocast the decoder's residual
+        # stream (and so the final norm's output) stays fp32 while the head weight is the fp32 master, so
+        # both are cast to the compute dtype here: bf16 operands give the Triton kernel tensor-core matmuls
+        # (the loss is 6*M*H*V flops, the largest single matmul of a small model with a big vocabulary) and
+        # half the traffic of reading the [V, H] weight per block; the kernel still accumulates logits and
+        # log-sum-exp in fp32. ``.to`` is differentiable, so the weight gradient flows back (in fp32) into
+        # the master parameter, exactly like autocast's own casts of every Linear. Without autocast the
+        # casts are no-ops. The loss itself runs with autocast off so the torch (CPU) backend keeps its
+        # fp32 arithmetic instead of having its internal matmuls recast to bf16.
+        loss_dtype = self.autocast_dtype or hidden.dtype
+        hidden_c, weight_c = hidden.to(loss_dtype), head.weight.to(loss_dtype)
+        bias_c = None if head.bias is None else head.bias.to(loss_dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = leafe_loss(
+                hidden_c,
+                weight_c,
+                batch.rows,
+                batch.targets,
+                batch.weights,
+                batch.group,
+                lambdas=self.lambdas,
+                norms=norms,
+                bias=bias_c,
+                z_loss=self.z_loss,
+                reduction="sum",
+            )
+        if batch.rows.numel() == 0:
+            # No targets: keep every parameter in the graph (zero gradient) so FSDP's reductions still run.
+            out.loss = out.loss + 0.0 * (hidden.sum() + head.weight.sum())
+        return out
+
+
+def as_batch(batch: Any) -> Any:
+    """A micro-batch as attributes: ``MicroBatch.to_torch`` returns a dict, the loss code reads fields."""
+    if isinstance(batch, Mapping):
+        return SimpleNamespace(**batch)
+    return batch
 
 
 def count_parameters(model: nn.Module, *, exclude_input_embeddings: bool = True) -> int:

@@ -7,7 +7,9 @@ is divided by them, so the accumulated gradient equals the gradient of one big b
 packing, accumulation or number of ranks.
 
 Run on one device with ``Trainer(model, samples, TrainConfig(...)).train()``; under ``torchrun`` the
-same code shards the model with FSDP2 (see :mod:`leafe_fast.train.distributed`).
+same code shards the model with FSDP2 (see :mod:`leafe_fast.train.distributed`). On CUDA the default
+precision is bf16-mixed: fp32 master weights and AdamW state, bf16 compute
+(see :mod:`leafe_fast.train.precision`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from leafe_fast.train.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from leafe_fast.train.distributed import DistInfo, all_reduce_sum, apply_fsdp, init_distributed
+from leafe_fast.train.precision import PRECISIONS, autocast_dtype, cast_to_master, resolve_precision
 from leafe_fast.train.metrics import (
     MetricsLog,
     Throughput,
@@ -32,7 +34,13 @@ from leafe_fast.train.metrics import (
     memory_stats,
     peak_flops_from_table,
 )
-from leafe_fast.train.model import LeafeCausalLM, base_model, count_parameters, enable_activation_checkpointing
+from leafe_fast.train.model import (
+    LeafeCausalLM,
+    as_batch,
+    base_model,
+    count_parameters,
+    enable_activation_checkpointing,
+)
 
 GROUP_NAMES = ("rehearsal", "counterfactual")
 
@@ -65,6 +73,10 @@ class TrainConfig:
     resume: bool | str = False  # True: latest checkpoint under output_dir; str: that checkpoint
     export: bool = False  # write safetensors to output_dir/final at the end
     fsdp: bool | str = "auto"  # "auto": FSDP2 when more than one rank
+    # "bf16-mixed" (fp32 master weights + AdamW state, bf16 compute), "bf16-pure" (bf16 weights updated
+    # directly: less memory, small updates rounded away), "fp32"; "auto": bf16-mixed on CUDA, fp32 on CPU.
+    # See leafe_fast.train.precision.
+    precision: str = "auto"
     peak_flops: float | str | None = "auto"  # MFU denominator; "auto": table on CUDA, measured on CPU
     progress: bool = True
 
@@ -77,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: max_steps must be positive, got {self.max_steps}")
         if self.epochs <= 0:
             raise ValueError(f"TrainConfig: epochs must be positive, got {self.epochs}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.betas = tuple(self.betas)
         self.lambdas = tuple(float(x) for x in self.lambdas)
 
@@ -95,9 +109,11 @@ class TrainSummary:
     memory: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     export: str | None = None
+    precision: str | None = None
 
     def to_text(self) -> str:
         parts = [f"{self.steps} steps", f"{self.tokens:,} tokens ({self.target_tokens:,} targets)",
+                 *([self.precision] if self.precision else []),
                  f"{self.seconds:.1f} s", f"{self.tokens_per_s:,.0f} tok/s"]
         if self.mfu is not None:
             parts.append(f"MFU {100 * self.mfu:.1f}%")
@@ -135,15 +151,22 @@ class Trainer:
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
-        self.wrapper = LeafeCausalLM(model, cfg.lambdas, cfg.z_loss)
-        self.num_params = count_parameters(model)
         use_fsdp = self.dist.distributed if cfg.fsdp == "auto" else bool(cfg.fsdp)
         self.fsdp = use_fsdp
         if self.dist.distributed and not use_fsdp:
             raise ValueError("Trainer: several ranks need FSDP2 (fsdp=True or 'auto'); nothing else syncs gradients")
+        # Resolved once ("auto" -> device default) and saved in train_state: a resume must use the same.
+        self.precision = resolve_precision(cfg.precision, self.device)
+        cast_to_master(model, self.precision)  # before sharding and before the optimizer sees the params
+        bf16_compute = autocast_dtype(self.precision)
+        # One process: autocast in the wrapper. FSDP2: its mixed-precision policy gathers bf16 copies of the
+        # fp32 shards instead, so the wrapper must not autocast on top of it.
+        self.wrapper = LeafeCausalLM(model, cfg.lambdas, cfg.z_loss, autocast_dtype=None if use_fsdp else bf16_compute)
+        self.num_params = count_parameters(model)
         self.loss_scale = 1.0
         if use_fsdp:
-            summed = apply_fsdp(self.wrapper, base_model(model).layers)
+            summed = apply_fsdp(self.wrapper, base_model(model).layers, param_dtype=bf16_compute,
+                                reduce_dtype=torch.float32)
             if not summed:
                 self.loss_scale = float(self.dist.world_size)
         fused = self.device.type == "cuda"
@@ -189,9 +212,9 @@ class Trainer:
             self.samples, cfg.token_budget, strategy=strategy, ranks=self.dist.world_size,
             seed=cfg.seed + epoch, truncation=cfg.truncation,
         )
+        # the packer already shuffles the micro-batch order with the seed (deterministic: resumable)
         mbs = list(packing.for_rank(self.dist.rank)) if self.dist.world_size > 1 else list(packing.micro_batches)
-        order = np.random.default_rng(cfg.seed + 7919 * (epoch + 1)).permutation(len(mbs))
-        self.epoch_batches = [mbs[i] for i in order]
+        self.epoch_batches = mbs
         self.epoch_loaded = epoch
         if self.dist.world_size > 1:
             counts = torch.tensor([len(mbs)], dtype=torch.float64, device=self.device)
@@ -222,7 +245,7 @@ class Trainer:
 
         cfg = self.config
         self.wrapper.train()
-        batches = [mb.to_torch(self.device) for mb in chunk]
+        batches = [as_batch(mb.to_torch(self.device)) for mb in chunk]
         norms = group_norms(
             [b.group for b in batches],
             [b.weights for b in batches] if cfg.norm_mode == "weight" else None,
@@ -323,6 +346,7 @@ class Trainer:
             memory=memory_stats(self.device),
             checkpoint=str(last_ckpt) if last_ckpt else None,
             export=str(exported) if exported else None,
+            precision=self.precision,
         )
         if main and cfg.progress:
             print(summary.to_text())
@@ -331,15 +355,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
     def train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "tokens_seen": self.tokens_seen,
-                "total_steps": self.total_steps, "world_size": self.dist.world_size, "config": asdict(self.config)}
+                "total_steps": self.total_steps, "world_size": self.dist.world_size, "precision": self.precision,
+                "config": asdict(self.config)}
 
     def save(self, root: str | Path | None = None) -> Path:
         root = Path(root) if root else (self.out / "checkpoints" if self.out else None)
         if root is None:
             raise ValueError("Trainer.save: no directory (set TrainConfig.output_dir or pass one)")
         self._saved_step = self.step
-        return save_checkpoint(root, self.step, model=self.wrapper, optimizer=self.optimizer,
-                               scheduler=self.scheduler, train_state=self.train_state(), keep_last=self.config.keep_last)
+        return save_checkpoint(root, self.step, model=self.wrapper, optimizer=self.optimizer, scheduler=self.scheduler,
+                               train_state=self.train_state(), keep_last=self.config.keep_last)
 
     def resume(self, where: bool | str | Path = True) -> bool:
         """Load the latest (or the given) checkpoint; False when there is none to resume from."""
@@ -356,6 +381,12 @@ class Trainer:
             raise ValueError(
                 f"Trainer.resume: checkpoint {path} was written with {st.get('world_size')} ranks, this run has "
                 f"{self.dist.world_size}; the data position would not match"
+            )
+        if st.get("precision", self.precision) != self.precision:
+            # Resuming bf16-pure optimizer state into fp32 masters (or back) would silently change the run.
+            raise ValueError(
+                f"Trainer.resume: checkpoint {path} was trained with precision {st.get('precision')!r}, this run "
+                f"uses {self.precision!r}; set TrainConfig.precision to match"
             )
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.tokens_seen = st.get("tokens_seen", 0)

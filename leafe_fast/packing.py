@@ -1,0 +1,454 @@
+"""Pack training samples into variable-length micro-batches for the GPU trainer.
+
+Why: LEAFE samples are multi-turn trajectories from a few hundred to tens of thousands of tokens.
+Padding them to a common length wastes most of the compute, so they are concatenated into flat
+micro-batches of at most ``budget`` tokens and attention is kept inside each sample with ``cu_seqlens``
+(flash-attn varlen style). The C++ half (``leafe_fast._C``: csrc/pack_plan.cpp plans, csrc/pack_build.cpp
+assembles, GIL released, numpy in and out without copies) does the work; this module validates inputs,
+owns the API; ``pack_reference`` runs the plain Python implementation of the same rules
+(leafe_fast/packing_reference.py) that the tests compare against batch for batch.
+
+Contract (one micro-batch, ``T`` tokens, ``n`` samples, ``M`` targets)::
+
+    input_ids    int32 [T]    the samples' tokens, back to back
+    position_ids int32 [T]    0, 1, ... restarting at every sample
+    cu_seqlens   int32 [n+1]  sample boundaries in T;  max_seqlen: the longest sample
+    rows         int64 [M]    index into T of the hidden state that predicts each target
+    targets      int64 [M]    the target token ids;  weights float32 [M];  group int8 [M]
+    sample_ids   int64 [n]    which input samples, in order
+
+``target_mask[i]`` (see ``leafe_fast.data.sample``) marks token ``i`` as a target predicted from position
+``i - 1`` of the SAME sample: ``rows = start + i - 1``, ``targets = input_ids[start + i]``. The shift never
+crosses a sample boundary. Targets keep their order inside a sample; samples keep the micro-batch order.
+
+Strategies:
+- ``"bfd"`` best-fit decreasing by tokens: the fewest micro-batches; with ``ranks > 1`` micro-batches are
+  dealt round-robin (counts per rank may differ by one; use "balanced" for equal counts).
+- ``"balanced"``: ranks x K micro-batches (equal counts per rank). Cost of a sample is
+  ``len + alpha * len**2`` (linear layers plus attention, in token units; see ``attention_alpha``).
+  Items go, dearest first, to the cheapest micro-batch with room (LPT); K starts at the token lower bound
+  and grows while some sample fits nowhere. Micro-batches are then sorted by cost and dealt in slots of
+  ``ranks`` similar ones, so every synchronous step and every rank's total are balanced.
+
+Documented behaviour at the edges:
+- samples longer than ``budget``: ``truncation="error"`` raises, naming them; ``"left"`` keeps the last
+  ``budget`` tokens (the final actions), ``"right"`` the first. Every truncation is listed in
+  ``stats.truncated`` as ``(sample_id, removed_tokens, removed_targets)``; a target whose predictor was
+  cut away counts as removed.
+- samples with no target left (zero-length ones included) teach nothing and are not packed; their ids are
+  listed in ``stats.skipped``. Input with no sample at all, or no target at all, raises ``ValueError``.
+- ``keep_trees_together``: samples sharing a ``tree_id >= 0`` form one item and land in one micro-batch,
+  in input order. A tree longer than ``budget`` is split into the fewest budget-sized chunks that best fit
+  finds (its longest samples first); the chunks are packed as separate items and the tree id is listed in
+  ``stats.split_trees``.
+- when there are fewer items than ``ranks`` x K, "balanced" gives some ranks empty micro-batches
+  (``num_tokens == 0``) so that every rank still takes the same number of steps.
+- ``shuffle=True`` permutes the order of micro-batches (of slots for "balanced") with ``seed``:
+  deterministic, and identical in C++ and Python (splitmix64 + Fisher-Yates).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from leafe_fast.data.sample import Sample, SampleColumns
+
+Strategy = Literal["bfd", "balanced"]
+Truncation = Literal["error", "left", "right"]
+MAX_BUDGET = 1 << 22  # the C++ free-space index and length sort are sized by the budget (4M tokens)
+DEFAULT_ALPHA = 2e-5  # ~ d_model * n_layers / n_params of a 7B model; see attention_alpha
+_ARRAYS = ("input_ids", "position_ids", "cu_seqlens", "rows", "targets", "weights", "group", "sample_ids")
+
+
+def attention_alpha(hidden_size: int, num_layers: int, num_params: float) -> float:
+    """Cost coefficient for ``len + alpha * len**2``: attention FLOPs per token pair over linear FLOPs per token.
+
+    A forward pass costs about ``2 * num_params`` FLOPs per token in the linear layers and
+    ``2 * hidden_size * num_layers`` per (query, key) pair in causal attention (QK^T and AV, half the
+    square), so ``alpha = hidden_size * num_layers / num_params``.
+    """
+    return float(hidden_size) * float(num_layers) / float(num_params)
+
+
+@dataclass
+class MicroBatch:
+    """One flat varlen micro-batch; the arrays may be views into buffers shared with other micro-batches."""
+
+    input_ids: np.ndarray  # int32 [T]
+    position_ids: np.ndarray  # int32 [T]
+    cu_seqlens: np.ndarray  # int32 [n+1]
+    max_seqlen: int
+    rows: np.ndarray  # int64 [M]
+    targets: np.ndarray  # int64 [M]
+    weights: np.ndarray  # float32 [M]
+    group: np.ndarray  # int8 [M]
+    sample_ids: np.ndarray  # int64 [n]
+    rank: int
+    num_tokens: int
+    num_targets: int
+    cost: float = 0.0  # tokens + alpha * sum(len^2)
+
+    def to_torch(self, device: Any = None) -> dict[str, Any]:
+        """Tensors sharing memory with the numpy arrays (torch.from_numpy); copied only to move to ``device``."""
+        import torch
+
+        out: dict[str, Any] = {name: torch.from_numpy(getattr(self, name)) for name in _ARRAYS}
+        if device is not None:
+            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        out["max_seqlen"] = self.max_seqlen
+        return out
+
+
+@dataclass
+class PackStats:
+    capacity: int  # num_micro_batches * budget
+    real_tokens: int
+    padding: int  # capacity - real_tokens (unused budget; varlen attention does not compute it)
+    token_efficiency: float  # real_tokens / capacity
+    num_micro_batches: int
+    micro_batches_per_rank: int
+    rank_costs: list[float]
+    rank_imbalance: float  # max/mean - 1 of rank_costs
+    sync_imbalance: float  # sum over steps of the slowest rank / sum of the mean rank - 1
+    num_targets: int
+    truncated: list[tuple[int, int, int]] = field(default_factory=list)  # (sample_id, tokens, targets) removed
+    skipped: list[int] = field(default_factory=list)  # sample ids with no target: not packed
+    split_trees: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+@dataclass
+class Packing:
+    micro_batches: list[MicroBatch]
+    stats: PackStats
+    ranks: int = 1
+
+    def for_rank(self, rank: int) -> list[MicroBatch]:
+        if not 0 <= rank < self.ranks:
+            raise ValueError(f"rank {rank} outside [0, {self.ranks})")
+        return [mb for mb in self.micro_batches if mb.rank == rank]
+
+    def steps(self, micro_per_step: int, rank: int | None = None) -> list[Any]:
+        """Group micro-batches into optimizer steps of ``micro_per_step`` per rank.
+
+        With ``rank``: ``steps[s]`` is that rank's list of micro-batches for step s. Without:
+        ``steps[s][r]`` is rank r's list. The last step may be shorter.
+        """
+        if micro_per_step < 1:
+            raise ValueError("micro_per_step must be >= 1")
+        if rank is not None:
+            own = self.for_rank(rank)
+            return [own[i : i + micro_per_step] for i in range(0, len(own), micro_per_step)]
+        per_rank = [self.steps(micro_per_step, r) for r in range(self.ranks)]
+        n = max((len(p) for p in per_rank), default=0)
+        return [[p[s] if s < len(p) else [] for p in per_rank] for s in range(n)]
+
+
+def target_norms(micro_batches: Sequence[MicroBatch], num_groups: int = 2, by_weight: bool = False) -> np.ndarray:
+    """Per-group target count (or weight sum) over micro-batches: the ``norm_g`` of the loss for one step."""
+    out = np.zeros(num_groups, dtype=np.float64)
+    for mb in micro_batches:
+        out += np.bincount(mb.group, weights=mb.weights if by_weight else None, minlength=num_groups)[:num_groups]
+    return out
+
+
+def columns_from_labels(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    group: int | Sequence[int] = 0,
+    weight: float | Sequence[float] = 1.0,
+    tree_id: int | Sequence[int] = -1,
+) -> SampleColumns:
+    """Samples from the Hugging Face labels form: ``labels[i] == input_ids[i]`` marks a target, -100 context.
+
+    Labels are aligned with the inputs (the model shifts them), so ``labels[0]`` has no predictor and is
+    ignored, exactly as Hugging Face models ignore it. Any label other than -100 or the token itself raises.
+    """
+    if len(input_ids) != len(labels):
+        raise ValueError(f"columns_from_labels: {len(input_ids)} input_ids but {len(labels)} labels")
+    n = len(input_ids)
+    def per_sample(value: Any, name: str) -> list:
+        values = [value] * n if np.isscalar(value) else list(value)
+        if len(values) != n:
+            raise ValueError(f"columns_from_labels: {len(values)} values of {name} for {n} samples")
+        return values
+
+    groups, weights, trees = per_sample(group, "group"), per_sample(weight, "weight"), per_sample(tree_id, "tree_id")
+    samples = []
+    for j, (ids, lab) in enumerate(zip(input_ids, labels)):
+        ids = np.asarray(ids, dtype=np.int64)
+        lab = np.asarray(lab, dtype=np.int64)
+        if ids.shape != lab.shape or ids.ndim != 1:
+            raise ValueError(f"columns_from_labels: sample {j}: input_ids {ids.shape} and labels {lab.shape} differ")
+        mask = lab != -100
+        bad = np.flatnonzero(mask & (lab != ids))
+        if len(bad):
+            raise ValueError(
+                f"columns_from_labels: sample {j}: labels at positions {bad[:5].tolist()} are neither -100 nor the "
+                "input token (labels must be aligned with input_ids, unshifted)"
+            )
+        if len(mask):
+            mask[0] = False
+        samples.append(Sample(ids.astype(np.int32), mask, int(groups[j]), float(weights[j]), int(trees[j])))
+    return SampleColumns.from_samples(samples)
+
+
+# ----------------------------------------------------------------------------------------------- input
+
+
+def _as_columns(samples: Any) -> SampleColumns:
+    if isinstance(samples, SampleColumns):
+        c = samples
+    elif isinstance(samples, Mapping):
+        if "input_ids" not in samples or "labels" not in samples:
+            raise ValueError("pack: a mapping input needs 'input_ids' and 'labels' (-100 for context)")
+        extra = {k: samples[k] for k in ("group", "weight", "tree_id") if k in samples}
+        return columns_from_labels(samples["input_ids"], samples["labels"], **extra)
+    elif isinstance(samples, Sequence) and all(isinstance(s, Sample) for s in samples):
+        return SampleColumns.from_samples(samples)
+    else:
+        raise TypeError(
+            "pack: samples must be SampleColumns, a list of Sample, or a mapping with input_ids and labels; "
+            f"got {type(samples).__name__}"
+        )
+    mask = np.ascontiguousarray(c.target_mask)
+    mask = mask.view(np.uint8) if mask.dtype == np.bool_ else np.ascontiguousarray(mask, dtype=np.uint8)
+    return SampleColumns(
+        tokens=np.ascontiguousarray(c.tokens, dtype=np.int32),
+        offsets=np.ascontiguousarray(c.offsets, dtype=np.int64),
+        target_mask=mask,
+        group=np.ascontiguousarray(c.group, dtype=np.int8),
+        weight=np.ascontiguousarray(c.weight, dtype=np.float32),
+        tree_id=np.ascontiguousarray(c.tree_id, dtype=np.int64),
+        prefix_len=np.ascontiguousarray(c.prefix_len, dtype=np.int32),
+    )
+
+
+def _validate(cols: SampleColumns) -> None:
+    if len(cols.offsets) == 0:
+        raise ValueError("pack: offsets is empty (it needs n+1 entries, starting at 0)")
+    if len(cols) == 0:
+        raise ValueError("pack: no samples to pack")
+    for name in ("tokens", "offsets", "target_mask", "group", "weight", "tree_id", "prefix_len"):
+        if getattr(cols, name).ndim != 1:
+            raise ValueError(f"pack: {name} must be 1-D")
+    cols.validate()
+    bad = np.flatnonzero(~np.isfinite(cols.weight) | (cols.weight < 0))
+    if len(bad):
+        raise ValueError(f"pack: weights must be finite and >= 0; samples {bad[:10].tolist()} are not")
+    starts = cols.offsets[:-1][cols.lengths > 0]
+    first_set = np.flatnonzero(cols.lengths > 0)[cols.target_mask[starts] != 0]
+    if len(first_set):
+        raise ValueError(
+            f"pack: samples {first_set[:10].tolist()} mark their first token as a target; it has no predictor "
+            "(target_mask[i] means token i is predicted from position i-1)"
+        )
+
+
+def _check_options(budget: int, strategy: str, ranks: int, micro_batches_per_rank: int | None, alpha: float,
+                   seed: int, truncation: str) -> None:
+    if not isinstance(budget, (int, np.integer)) or not 1 <= budget <= MAX_BUDGET:
+        raise ValueError(f"pack: budget must be an int in [1, {MAX_BUDGET}], got {budget!r}")
+    if strategy not in ("bfd", "balanced"):
+        raise ValueError(f"pack: strategy must be 'bfd' or 'balanced', got {strategy!r}")
+    if not isinstance(ranks, (int, np.integer)) or ranks < 1:
+        raise ValueError(f"pack: ranks must be an int >= 1, got {ranks!r}")
+    if micro_batches_per_rank is not None:
+        if strategy != "balanced":
+            raise ValueError("pack: micro_batches_per_rank applies to strategy='balanced' only")
+        if micro_batches_per_rank < 1:
+            raise ValueError(f"pack: micro_batches_per_rank must be >= 1, got {micro_batches_per_rank}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"pack: alpha must be finite and >= 0, got {alpha!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"pack: seed must be an int >= 0, got {seed!r}")
+    if truncation not in ("error", "left", "right"):
+        raise ValueError(f"pack: truncation must be 'error', 'left' or 'right', got {truncation!r}")
+
+
+def _windows(lengths: np.ndarray, budget: int, truncation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kept window (start within the sample, length) per sample, and the ids of truncated samples."""
+    over = np.flatnonzero(lengths > budget)
+    if len(over) and truncation == "error":
+        shown = ", ".join(f"{int(j)} ({int(lengths[j])} tokens)" for j in over[:10])
+        more = f" and {len(over) - 10} more" if len(over) > 10 else ""
+        raise ValueError(
+            f"pack: {len(over)} sample(s) exceed the budget of {budget} tokens: {shown}{more}. "
+            "Raise the budget or pass truncation='left' (keep the end) or 'right' (keep the start)."
+        )
+    win_len = np.minimum(lengths, budget)
+    win_start = lengths - win_len if truncation == "left" else np.zeros_like(lengths)
+    return win_start, win_len, over
+
+
+# ------------------------------------------------------------------------------------------- engines
+
+
+class _Native:
+    """The C++ path."""
+
+    def __init__(self, threads: int) -> None:
+        from leafe_fast import _C
+
+        self._C = _C
+        self.threads = threads
+
+    def count(self, cols, win_start, win_len):
+        return self._C.pack_count_targets(cols.target_mask, cols.offsets, win_start, win_len)
+
+    def plan(self, ids, lengths, tree_ids, o):
+        p = self._C.pack_plan(ids, lengths, tree_ids, o["budget"], o["strategy"], o["ranks"],
+                              o["micro_batches_per_rank"] or 0, o["alpha"], o["seed"], o["shuffle"],
+                              o["keep_trees_together"])
+        return p
+
+    def build(self, cols, win_abs, win_len, kept, plan) -> list[MicroBatch]:
+        flat = self._C.pack_build(cols.tokens, cols.target_mask, cols.group, cols.weight, win_abs, win_len, kept,
+                                  plan["order"], plan["mb_offsets"], self.threads)
+        return _views(flat, plan)
+
+
+def _views(flat: dict[str, np.ndarray], plan: dict[str, Any]) -> list[MicroBatch]:
+    """Micro-batches as views into the flat buffers the C++ build wrote (no copies)."""
+    tok = flat["tok_off"].tolist()
+    tgt = flat["tgt_off"].tolist()
+    smp = plan["mb_offsets"].tolist()
+    ranks = plan["mb_rank"].tolist()
+    costs = plan["mb_cost"].tolist()
+    longest = flat["max_seqlen"].tolist()
+    ids, pos, cu = flat["input_ids"], flat["position_ids"], flat["cu_seqlens"]
+    rows, targets, weights, group, order = flat["rows"], flat["targets"], flat["weights"], flat["group"], plan["order"]
+    out = []
+    for b in range(len(ranks)):
+        t0, t1, m0, m1, s0, s1 = tok[b], tok[b + 1], tgt[b], tgt[b + 1], smp[b], smp[b + 1]
+        out.append(MicroBatch(ids[t0:t1], pos[t0:t1], cu[s0 + b : s1 + b + 1], longest[b], rows[m0:m1],
+                              targets[m0:m1], weights[m0:m1], group[m0:m1], order[s0:s1], ranks[b], t1 - t0,
+                              m1 - m0, costs[b]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle, keep_trees_together,
+         truncation, engine) -> Packing:
+    t_start = time.perf_counter()
+    _check_options(budget, strategy, ranks, micro_batches_per_rank, alpha, seed, truncation)
+    cols = _as_columns(samples)
+    _validate(cols)
+    timings = {}
+    t = time.perf_counter()
+    lengths = cols.lengths
+    win_start, win_len, over = _windows(lengths, int(budget), truncation)
+    kept, removed = engine.count(cols, win_start, win_len)
+    timings["count"] = time.perf_counter() - t
+
+    eligible = np.flatnonzero(kept > 0).astype(np.int64)
+    if len(eligible) == 0:
+        raise ValueError(f"pack: none of the {len(cols)} samples has a target token left to train on")
+    t = time.perf_counter()
+    opts = {"budget": int(budget), "strategy": strategy, "ranks": int(ranks),
+            "micro_batches_per_rank": micro_batches_per_rank, "alpha": float(alpha), "seed": int(seed),
+            "shuffle": bool(shuffle), "keep_trees_together": bool(keep_trees_together)}
+    try:
+        plan = engine.plan(eligible, np.ascontiguousarray(win_len[eligible]),
+                           np.ascontiguousarray(cols.tree_id[eligible]), opts)
+    except RuntimeError as exc:
+        raise ValueError(f"pack: {exc}") from None
+    timings["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    win_abs = np.ascontiguousarray(cols.offsets[:-1] + win_start)
+    micro_batches = engine.build(cols, win_abs, np.ascontiguousarray(win_len), kept, plan)
+    timings["build"] = time.perf_counter() - t
+
+    R = int(ranks)
+    costs = plan["mb_cost"]
+    rank_of = plan["mb_rank"]
+    rank_costs = np.bincount(rank_of, weights=costs, minlength=R) if len(costs) else np.zeros(R)
+    mean = rank_costs.mean()
+    per_rank = [np.flatnonzero(rank_of == r) for r in range(R)]  # the k-th entry runs in step k
+    slot_max = np.zeros(max(len(p) for p in per_rank))
+    for p in per_rank:
+        slot_max[: len(p)] = np.maximum(slot_max[: len(p)], costs[p])
+    B = len(micro_batches)
+    real = int(sum(mb.num_tokens for mb in micro_batches))
+    truncated = [(int(j), int(lengths[j] - win_len[j]), int(removed[j])) for j in over]
+    stats = PackStats(
+        capacity=B * int(budget), real_tokens=real, padding=B * int(budget) - real,
+        token_efficiency=real / (B * int(budget)) if B else 0.0, num_micro_batches=B,
+        micro_batches_per_rank=int(plan["micro_batches_per_rank"]), rank_costs=rank_costs.tolist(),
+        rank_imbalance=max(0.0, float(rank_costs.max() / mean - 1)) if mean > 0 else 0.0,
+        sync_imbalance=max(0.0, float(slot_max.sum() / rank_costs.sum() * R - 1)) if mean > 0 else 0.0,
+        num_targets=int(sum(mb.num_targets for mb in micro_batches)), truncated=truncated,
+        skipped=np.flatnonzero(kept == 0).tolist(), split_trees=plan["split_trees"].tolist(),
+        seconds=time.perf_counter() - t_start, timings=timings)
+    return Packing(micro_batches, stats, R)
+
+
+def pack(
+    samples: SampleColumns | Sequence[Sample] | Mapping[str, Any],
+    budget: int,
+    *,
+    strategy: Strategy = "bfd",
+    ranks: int = 1,
+    micro_batches_per_rank: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    shuffle: bool = True,
+    keep_trees_together: bool = False,
+    truncation: Truncation = "error",
+    backend: Literal["cpp", "python"] = "cpp",
+    threads: int | None = None,
+) -> Packing:
+    """Pack samples into micro-batches of at most ``budget`` tokens (see the module docstring for the rules).
+
+    ``samples``: ``SampleColumns``, a list of ``Sample``, or ``{"input_ids": [...], "labels": [...]}`` in the
+    Hugging Face labels form (see ``columns_from_labels``). ``backend="python"`` runs ``pack_reference``.
+    ``threads`` (C++ only) splits the output assembly; default: the machine's cores, at most 8.
+    Raises ``ValueError`` for bad input or options, naming the offending samples.
+    """
+    if backend == "python":
+        from leafe_fast.packing_reference import ReferenceEngine
+
+        engine: Any = ReferenceEngine()
+    elif backend == "cpp":
+        engine = _Native(int(threads) if threads else min(8, os.cpu_count() or 1))
+    else:
+        raise ValueError(f"pack: backend must be 'cpp' or 'python', got {backend!r}")
+    return _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle,
+                keep_trees_together, truncation, engine)
+
+
+def pack_reference(
+    samples: SampleColumns | Sequence[Sample] | Mapping[str, Any],
+    budget: int,
+    *,
+    strategy: Strategy = "bfd",
+    ranks: int = 1,
+    micro_batches_per_rank: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    shuffle: bool = True,
+    keep_trees_together: bool = False,
+    truncation: Truncation = "error",
+) -> Packing:
+    """Plain Python packing with the same rules and results as ``pack``; the tests' ground truth."""
+    from leafe_fast.packing_reference import ReferenceEngine
+
+    return _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle,
+                keep_trees_together, truncation, ReferenceEngine())
+
+
+__all__ = [
+    "MicroBatch", "PackStats", "Packing", "pack", "pack_reference", "columns_from_labels", "attention_alpha",
+    "target_norms", "DEFAULT_ALPHA",
+]
