@@ -67,14 +67,17 @@ def test_accumulated_microbatches_equal_one_big_batch_and_plain_reference():
             torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
 
 
-def test_activation_checkpointing_gives_the_same_steps(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_activation_checkpointing_gives_the_same_steps(tmp_path, precision):
+    # bf16-mixed: the recomputation in backward must run under the same autocast state as the forward
     tok, cfg = tiny("llama")
     samples = random_samples(12, len(tok), seed=2)
     runs = []
     for ac in (False, True):
-        model = load_model(cfg, dtype="float32", device="cpu", seed=1)
+        model = load_model(cfg, precision=precision, device="cpu", seed=1)
         t = Trainer(model, samples, TrainConfig(max_steps=3, token_budget=64, grad_accum=2, lr=1e-3,
-                                                activation_checkpointing=ac, progress=False, peak_flops=None))
+                                                activation_checkpointing=ac, progress=False, peak_flops=None,
+                                                precision=precision))
         runs.append(t.train().losses)
     assert runs[0] == runs[1]
 
@@ -253,7 +256,7 @@ def test_precision_resolution_and_load_dtypes():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n].float()), n
 
 
-def test_bf16_mixed_keeps_fp32_master_and_tracks_fp32():
+def test_bf16_mixed_keeps_fp32_master_and_tracks_fp32(monkeypatch):
     """bf16-mixed: fp32 parameters and AdamW state, bf16 matmuls, losses within bf16 rounding of fp32.
 
     Tolerance: bf16 keeps 8 significand bits, a relative rounding of at most 2^-9 per value; the step loss
@@ -268,8 +271,19 @@ def test_bf16_mixed_keeps_fp32_master_and_tracks_fp32():
     t = _precision_run(cfg, samples, "bf16-mixed")
     compute = []
     t.hf_model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: compute.append(o.dtype))
+    import leafe_fast.train.attention as attention
+
+    attn_dtypes, packed = set(), attention.varlen_attention_packed
+
+    def spy(q, k, v, *args, **kw):
+        attn_dtypes.add((q.dtype, k.dtype, v.dtype))
+        return packed(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(attention, "varlen_attention_packed", spy)
     mixed = t.train().losses
     assert compute and set(compute) == {torch.bfloat16}  # the matmuls ran in bf16 ...
+    # fp32 RoPE tables make q, k fp32 next to a bf16 v; the flash kernels need them cast to one dtype
+    assert attn_dtypes == {(torch.bfloat16,) * 3}
     assert all(p.dtype == torch.float32 for p in t.wrapper.parameters())  # ... updating fp32 masters
     states = [v for st in t.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
     assert len(states) == 2 * len(list(t.wrapper.parameters())) and all(v.dtype == torch.float32 for v in states)

@@ -5,7 +5,9 @@ with the varlen attention of :mod:`leafe_fast.train.attention`, optional Liger k
 optional activation checkpointing. ``LeafeCausalLM`` wraps it so that one ``forward`` runs the base
 model on a packed micro-batch and sends the hidden states of the supervised rows through
 ``leafe_fast.loss.leafe_loss`` with the LM head weight: no [T, V] logits are ever built. Wrapping matters
-for FSDP2 too: the LM head weight is gathered by the wrapper's own forward hooks.
+for FSDP2 too: the LM head weight is gathered by the wrapper's own forward hooks. With bf16-mixed precision
+on one process the wrapper runs the decoder under bf16 autocast over fp32 master weights
+(:mod:`leafe_fast.train.precision`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto": bf16 on CUDA, fp32 elsewhere."""
+    """An explicit dtype name; ``None``/"auto": bf16 on CUDA, fp32 elsewhere (the inference default;
+    ``load_model`` resolves "auto" from the training precision instead)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):

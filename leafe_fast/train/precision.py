@@ -9,6 +9,9 @@
   steps on weights near 1) is rounded away: lower quality, for when memory is what limits.
 - ``"fp32"`` (default on the CPU): everything fp32. Bitwise reproducible on the CPU (exact resume).
 - ``"auto"``: ``"bf16-mixed"`` on CUDA, ``"fp32"`` elsewhere.
+
+Memory per parameter (weights + gradients + AdamW's two moments): bf16-mixed and fp32 16 bytes, bf16-pure
+8 bytes, before FSDP2 divides it by the number of ranks (a 1.5B model: 24 GB against 12 GB).
 """
 
 from __future__ import annotations
