@@ -30,6 +30,19 @@ def _ops(backend: str) -> Any:
     raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
 
 
+def _needed_grads(ctx: Any, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of hidden, weight, bias want a gradient (never bias when there is none)."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    return need_h, need_w, need_b and bias is not None
+
+
+def _row_losses(lse: torch.Tensor, tgt: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse - z_t + z_loss * lse**2, lse - z_t)`` per row: two distinct tensors, because the second
+    leaves the Function as its own (non-differentiable) output."""
+    ce = lse - tgt
+    return (ce + z_loss * lse * lse if z_loss else ce.clone()), ce
+
+
 class LeafeRowLoss(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -45,8 +58,7 @@ class LeafeRowLoss(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ops = _ops(backend)
         lse, tgt = ops.forward(hidden, weight, bias, rows, targets, softcap)
-        ce = lse - tgt
-        row_loss = ce + z_loss * lse * lse if z_loss else ce.clone()
+        row_loss, ce = _row_losses(lse, tgt, z_loss)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
         ctx.softcap, ctx.z_loss, ctx.backend = softcap, z_loss, backend
         ctx.mark_non_differentiable(ce)
@@ -55,16 +67,16 @@ class LeafeRowLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_rows: torch.Tensor, _grad_ce: torch.Tensor | None) -> tuple[Any, ...]:
         hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_h, need_w, need_b = _needed_grads(ctx, bias)
         d_h = d_w = d_b = None
         if rows.numel() == 0:
             d_h = torch.zeros_like(hidden) if need_h else None
             d_w = torch.zeros_like(weight) if need_w else None
-            d_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+            d_b = torch.zeros_like(bias) if need_b else None
         elif need_h or need_w or need_b:
             d_h, d_w, d_b = _ops(ctx.backend).backward(
                 hidden, weight, bias, rows, targets, lse, grad_rows.contiguous(),
-                ctx.softcap, ctx.z_loss, need_h, need_w, need_b and bias is not None,
+                ctx.softcap, ctx.z_loss, need_h, need_w, need_b,
             )
         return d_h, d_w, d_b, None, None, None, None, None
 
@@ -92,16 +104,14 @@ class LeafeScaledLoss(torch.autograd.Function):
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ops = _ops(backend)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_b = need_b and bias is not None
+        need_h, need_w, need_b = _needed_grads(ctx, bias)
         if need_h or need_w or need_b:
             lse, tgt, d_h, d_w, d_b = ops.forward_backward(
                 hidden, weight, bias, rows, targets, row_scale, softcap, z_loss, need_h, need_w, need_b
             )
         else:
             (lse, tgt), d_h, d_w, d_b = ops.forward(hidden, weight, bias, rows, targets, softcap), None, None, None
-        ce = lse - tgt
-        row_loss = ce + z_loss * lse * lse if z_loss else ce
+        row_loss, ce = _row_losses(lse, tgt, z_loss)
         loss = (row_scale.to(row_loss.dtype) * row_loss).sum()
         ctx.grads = (d_h, d_w, d_b)
         ctx.mark_non_differentiable(ce)

@@ -45,18 +45,8 @@ def forward(
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(lse [M], target_logit [M])`` in the compute dtype."""
-    cdt = _compute_dtype(hidden.dtype)
-    m, v = rows.numel(), weight.shape[0]
-    lse = torch.empty(m, dtype=cdt, device=hidden.device)
-    tgt = torch.empty(m, dtype=cdt, device=hidden.device)
-    w = weight.to(cdt)
-    b = None if bias is None else bias.to(cdt)
-    starts, step = _row_chunks(m, v, max_chunk_elems)
-    for s in starts:
-        e = min(m, s + step)
-        z = _logits(hidden[rows[s:e]].to(cdt), w, b, softcap)
-        lse[s:e] = torch.logsumexp(z, dim=1)
-        tgt[s:e] = z.gather(1, targets[s:e, None]).squeeze(1)
+    lse, tgt, *_ = _chunk_pass(hidden, weight, bias, rows, targets, None, None, softcap, 0.0,
+                               False, False, False, max_chunk_elems)
     return lse, tgt
 
 
@@ -69,13 +59,13 @@ def _dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch
     return dz.mul_(cap_grad) if cap_grad is not None else dz
 
 
-def _grads(
+def _chunk_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor,
     targets: torch.Tensor,
-    g_rows: torch.Tensor,
+    g_rows: torch.Tensor | None,
     lse: torch.Tensor | None,
     softcap: float | None,
     z_loss: float,
@@ -84,7 +74,9 @@ def _grads(
     need_bias: bool,
     max_chunk_elems: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Shared chunk loop. ``lse=None``: compute it here (gradient-in-forward), else reuse (recompute)."""
+    """The one chunk loop of all three passes. ``lse=None``: compute lse and the target logit here
+    (forward, gradient-in-forward), else reuse the saved lse (recompute). No gradient asked for
+    (forward): no dlogits, ``g_rows`` unused."""
     cdt = _compute_dtype(hidden.dtype)
     m, v = rows.numel(), weight.shape[0]
     dev = hidden.device
@@ -103,6 +95,8 @@ def _grads(
         if lse is None:
             lse_out[s:e] = torch.logsumexp(z, dim=1)
             tgt_out[s:e] = z.gather(1, targets[s:e, None]).squeeze(1)
+        if not (need_hidden or need_weight or need_bias):
+            continue
         dz = _dlogits(z, lse_out[s:e], targets[s:e], g_rows[s:e].to(cdt), softcap, z_loss)
         if d_rows is not None:
             torch.mm(dz, w, out=d_rows[s:e])
@@ -142,7 +136,7 @@ def backward(
     d logit_ij = grad_i * (softmax_ij * (1 + 2 z_loss lse_i) - [j == t_i]), times the soft-cap
     derivative ``1 - (z_ij / cap)**2`` when capping. d_hidden accumulates repeated rows (index_add).
     """
-    return _grads(hidden, weight, bias, rows, targets, grad_rows, lse, softcap, z_loss,
+    return _chunk_pass(hidden, weight, bias, rows, targets, grad_rows, lse, softcap, z_loss,
                   need_hidden, need_weight, need_bias, max_chunk_elems)[2:]
 
 
@@ -165,5 +159,5 @@ def forward_backward(
     up front, as they are for the scalar reductions. Each chunk holds its whole row of V logits, so
     the normaliser is known before the gradient is formed.
     """
-    return _grads(hidden, weight, bias, rows, targets, row_scale, None, softcap, z_loss,
+    return _chunk_pass(hidden, weight, bias, rows, targets, row_scale, None, softcap, z_loss,
                   need_hidden, need_weight, need_bias, max_chunk_elems)

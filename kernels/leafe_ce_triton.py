@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -88,11 +89,22 @@ def _logits_tile(H_ptr, W_ptr, B_ptr, row, m_mask, offs_v, v_mask, D, stride_h, 
 
 
 @triton.jit
-def _dlogits_tile(H_ptr, W_ptr, B_ptr, tgt_ptr, lse_ptr, g_ptr, row, offs_m, m_mask, offs_v, v_mask, M, D,
-                  stride_h, stride_w, softcap, z_loss,
-                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_V] tile of g_i * (softmax * (1 + 2 z_loss lse_i) - onehot) * softcap'; 0 off-range."""
+def _dlogits_program(H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap,
+                     lse_ptr, g_ptr, DB_ptr, v_lo, v_hi, z_loss,
+                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                     COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The part both backward schedules share: this program's fp32 ``[BLOCK_M, BLOCK_V]`` tile of
+    g_i * (softmax * (1 + 2 z_loss lse_i) - onehot) * softcap' (0 off-range), for row block
+    ``program_id(0)`` and V tile ``program_id(1)`` of the chunk ``[v_lo, v_hi)``. Adds the tile's
+    column sums into d_bias when asked; returns the tile and its coordinates (offs_m, m_mask, row,
+    offs_v, v_mask). Inlined into each kernel, so sharing it costs nothing in the generated code."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
+    offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < v_hi
     tgt = tl.load(tgt_ptr + offs_m, mask=m_mask, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
     g = tl.load(g_ptr + offs_m, mask=m_mask, other=0.0)
@@ -103,16 +115,24 @@ def _dlogits_tile(H_ptr, W_ptr, B_ptr, tgt_ptr, lse_ptr, g_ptr, row, offs_m, m_m
     if SOFTCAP:
         zc = z / softcap
         dz = dz * (1.0 - zc * zc)
-    return tl.where(m_mask[:, None] & v_mask[None, :], dz, 0.0)
+    dz = tl.where(m_mask[:, None] & v_mask[None, :], dz, 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(DB_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+    return dz, offs_m, m_mask, row, offs_v, v_mask
+
+
+# Every kernel starts with the same operands, in the order _Head.args() gives them:
+#   H_ptr, W_ptr, B_ptr: hidden [N, D], weight [V, D], bias [V] (dummy when HAS_BIAS is False)
+#   rows_ptr, tgt_ptr:   int64 [M], the selected rows of hidden and their targets
+#   M, V, D, stride_h, stride_w, softcap (1.0 when SOFTCAP is False)
 
 
 @triton.autotune(configs=_configs("fwd"), key=["D", "V"])
 @triton.jit
 def _lse_fwd_kernel(
-    H_ptr, W_ptr, B_ptr,  # hidden [N, D], weight [V, D], bias [V] (dummy when HAS_BIAS is False)
-    rows_ptr, tgt_ptr,  # int64 [M]
+    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
     lse_part_ptr, tgt_part_ptr,  # fp32 [splits, M]: per-split log-sum-exp and target logit (0 if absent)
-    M, V, D, stride_h, stride_w, v_per_split, softcap,
+    v_per_split,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -146,27 +166,18 @@ def _lse_fwd_kernel(
 @triton.autotune(configs=_configs("bwd"), key=["D", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])
 @triton.jit
 def _ce_bwd_kernel(
-    H_ptr, W_ptr, B_ptr,  # hidden [N, D], weight [V, D], bias [V]
-    rows_ptr, tgt_ptr, dh_index_ptr,  # int64 [M]: row in hidden, target, row's slot in DH
+    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+    dh_index_ptr,  # int64 [M]: each row's slot in DH
     lse_ptr, g_ptr,  # fp32 [M]: saved log-sum-exp, upstream gradient of each row's loss
     DH_ptr, DW_ptr, DB_ptr,  # fp32 [U, D], fp32 [v_hi - v_lo, D] (chunk), fp32 [V]
-    M, V, D, stride_h, stride_w, v_lo, v_hi, softcap, z_loss,
+    v_lo, v_hi, z_loss,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
-    offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    v_mask = offs_v < v_hi
-    dz = _dlogits_tile(H_ptr, W_ptr, B_ptr, tgt_ptr, lse_ptr, g_ptr, row, offs_m, m_mask, offs_v, v_mask, M, D,
-                       stride_h, stride_w, softcap, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST,
-                       BLOCK_M, BLOCK_V, BLOCK_D)
-    if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+    dz, offs_m, m_mask, row, offs_v, v_mask = _dlogits_program(
+        H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
     dz_lp = dz.to(H_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays fp32
     slot = tl.load(dh_index_ptr + offs_m, mask=m_mask, other=0)
     for d0 in range(0, D, BLOCK_D):
@@ -185,28 +196,19 @@ def _ce_bwd_kernel(
 @triton.autotune(configs=_configs("dz"), key=["D", "V"], reset_to_zero=["DB_ptr"])
 @triton.jit
 def _dz_kernel(
-    H_ptr, W_ptr, B_ptr,  # hidden [N, D], weight [V, D], bias [V]
-    rows_ptr, tgt_ptr, lse_ptr, g_ptr,  # [M] each
+    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+    lse_ptr, g_ptr,  # fp32 [M]
     DZ_ptr, DB_ptr,  # dlogits chunk [M, v_hi - v_lo] in the input dtype (row stride ldz), fp32 [V]
-    M, V, D, stride_h, stride_w, ldz, v_lo, v_hi, softcap, z_loss,
+    ldz, v_lo, v_hi, z_loss,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """"gemm" backward, step 1: recompute logits, write dlogits for one V chunk (the two big matmuls
     that follow are left to cuBLAS, which reaches a higher fraction of peak than atomics-bound tiles)."""
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
-    offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    v_mask = offs_v < v_hi
-    dz = _dlogits_tile(H_ptr, W_ptr, B_ptr, tgt_ptr, lse_ptr, g_ptr, row, offs_m, m_mask, offs_v, v_mask, M, D,
-                       stride_h, stride_w, softcap, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST,
-                       BLOCK_M, BLOCK_V, BLOCK_D)
-    if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+    dz, offs_m, m_mask, _row, offs_v, v_mask = _dlogits_program(
+        H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
     tl.store(DZ_ptr + offs_m[:, None].to(tl.int64) * ldz + (offs_v - v_lo)[None, :],
              dz.to(DZ_ptr.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
 
@@ -234,6 +236,51 @@ def _check(hidden: torch.Tensor) -> None:
         raise RuntimeError("leafe_ce_triton: needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
 
 
+class _Head(NamedTuple):
+    """The operands every launch shares, and the kernel arguments derived from them."""
+
+    hidden: torch.Tensor  # [N, D]
+    weight: torch.Tensor  # [V, D]
+    bias: torch.Tensor | None  # [V]
+    rows: torch.Tensor  # int64 [M]
+    targets: torch.Tensor  # int64 [M]
+    softcap: float | None
+
+    @property
+    def m(self) -> int:
+        return self.rows.numel()
+
+    @property
+    def v(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.hidden.shape[1]
+
+    def args(self) -> tuple:
+        """The leading arguments of every kernel (see the comment above ``_lse_fwd_kernel``)."""
+        bias = self.weight if self.bias is None else self.bias  # dummy pointer, never read
+        return (self.hidden, self.weight, bias, self.rows, self.targets, self.m, self.v, self.d,
+                self.hidden.stride(0), self.weight.stride(0), float(self.softcap or 1.0))
+
+    def flags(self) -> dict[str, bool | str]:
+        """Compile-time flags of every kernel."""
+        dtype = self.hidden.dtype
+        return {"HAS_BIAS": self.bias is not None, "SOFTCAP": bool(self.softcap),
+                "DOT_PREC": _dot_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
+
+
+def _tile_grid(m: int, cols: int) -> Callable[[dict], tuple[int, int]]:
+    """Backward grid: row blocks x V tiles of a ``cols``-wide chunk."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_V"]))
+
+
+def _or_placeholder(buf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``buf``, or a one-element fp32 stand-in for a pointer its kernel never reads (flag off)."""
+    return torch.empty(1, dtype=torch.float32, device=device) if buf is None else buf
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -245,85 +292,49 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse [M], target_logit [M])`` fp32 for ``hidden[rows] @ weight.T (+ bias)`` (soft-capped)."""
     _check(hidden)
-    m, d = rows.numel(), hidden.shape[1]
-    v = weight.shape[0]
-    dev = hidden.device
+    head = _Head(hidden, weight, bias, rows, targets, softcap)
+    m, v, dev = head.m, head.v, hidden.device
     if m == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
         return z, z.clone()
     if splits is None:  # enough programs for ~2 waves, each split at least 2048 columns
         row_blocks = triton.cdiv(m, 128)
         splits = max(1, min(triton.cdiv(2 * _num_sms(dev), row_blocks), triton.cdiv(v, 2048)))
-    v_per_split = triton.cdiv(v, splits)
     lse_part = torch.empty(splits, m, dtype=torch.float32, device=dev)
     tgt_part = torch.empty(splits, m, dtype=torch.float32, device=dev)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
-    _lse_fwd_kernel[grid](
-        hidden, weight, weight if bias is None else bias, rows, targets, lse_part, tgt_part,
-        m, v, d, hidden.stride(0), weight.stride(0), v_per_split, float(softcap or 1.0),
-        HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), DOT_PREC=_dot_precision(hidden.dtype),
-        UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-    )
+    _lse_fwd_kernel[grid](*head.args(), lse_part, tgt_part, triton.cdiv(v, splits), **head.flags())
     lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
     return lse, tgt_part.sum(0)
 
 
-def _backward_atomic(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    grad_rows: torch.Tensor,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    dw_chunk_bytes: int = DW_CHUNK_BYTES,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Fully fused backward: both matmuls inside the kernel, fp32 atomics into bounded buffers."""
-    m, d = rows.numel(), hidden.shape[1]
-    v = weight.shape[0]
-    dev = hidden.device
-    if need_hidden:
-        uniq, slot = torch.unique(rows, return_inverse=True)
-        dh_rows = torch.zeros(uniq.numel(), d, dtype=torch.float32, device=dev)
-    else:
-        uniq, slot, dh_rows = None, rows, torch.empty(1, dtype=torch.float32, device=dev)
+def _backward_atomic(head: _Head, lse: torch.Tensor, g: torch.Tensor, z_loss: float, slot: torch.Tensor,
+                     d_uniq: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
+                     chunk_bytes: int | None) -> torch.Tensor | None:
+    """Fully fused backward: both matmuls inside the kernel, fp32 atomics into ``d_uniq [U, H]``, ``d_bias32``
+    and a bounded fp32 d_weight chunk (``chunk_bytes``). Returns d_weight."""
+    weight, v, d, dev = head.weight, head.v, head.d, head.hidden.device
     d_weight = torch.zeros_like(weight) if need_weight else None
-    d_bias32 = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else torch.empty(1, dtype=torch.float32, device=dev)
     direct = need_weight and weight.dtype == torch.float32  # accumulate straight into the output
     if need_weight and not direct:
-        chunk = max(1, dw_chunk_bytes // (4 * d))
+        chunk = max(1, (chunk_bytes or DW_CHUNK_BYTES) // (4 * d))
         chunk = chunk // 256 * 256 if chunk >= 256 else chunk  # tile-aligned chunks on real shapes
         dw_buf = torch.empty(min(chunk, v), d, dtype=torch.float32, device=dev)
     else:
         chunk = v
-        dw_buf = d_weight if direct else torch.empty(1, dtype=torch.float32, device=dev)
-    lse = lse.float().contiguous()
-    g = grad_rows.float().contiguous()
+        dw_buf = _or_placeholder(d_weight if direct else None, dev)
+    dh_buf, db_buf = _or_placeholder(d_uniq, dev), _or_placeholder(d_bias32, dev)
     for v_lo in range(0, v, chunk):
         v_hi = min(v, v_lo + chunk)
         if need_weight and not direct:
             dw_buf.zero_()
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))  # noqa: E731,B023
-        _ce_bwd_kernel[grid](
-            hidden, weight, weight if bias is None else bias, rows, targets, slot, lse, g,
-            dh_rows, dw_buf, d_bias32,
-            m, v, d, hidden.stride(0), weight.stride(0), v_lo, v_hi, float(softcap or 1.0), float(z_loss),
-            HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), DOT_PREC=_dot_precision(hidden.dtype),
-            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16,
-            COMPUTE_DH=need_hidden, COMPUTE_DW=need_weight, COMPUTE_DB=need_bias,
+        _ce_bwd_kernel[_tile_grid(head.m, v_hi - v_lo)](
+            *head.args(), slot, lse, g, dh_buf, dw_buf, db_buf, v_lo, v_hi, z_loss, **head.flags(),
+            COMPUTE_DH=d_uniq is not None, COMPUTE_DW=need_weight, COMPUTE_DB=d_bias32 is not None,
         )
         if need_weight and not direct:
             d_weight[v_lo:v_hi] = dw_buf[: v_hi - v_lo].to(weight.dtype)
-    d_hidden = None
-    if need_hidden:
-        d_hidden = torch.zeros_like(hidden)
-        d_hidden[uniq] = dh_rows.to(hidden.dtype)
-    return d_hidden, d_weight, (d_bias32.to(bias.dtype) if need_bias else None)
+    return d_weight
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -338,56 +349,38 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _backward_gemm(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    g: torch.Tensor,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    dz_chunk_bytes: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Per V chunk: Triton writes dlogits [M, Vc] (input dtype), cuBLAS does d_weight[chunk] = dz.T @ h
-    (K = M: one rounding, written once) and d_rows += dz @ W[chunk] (fp32). Memory: the dz chunk,
-    the gathered rows [M, H] and fp32 [M, H] row gradients."""
-    m, d = rows.numel(), hidden.shape[1]
-    v = weight.shape[0]
-    dev = hidden.device
-    cols = max(1, dz_chunk_bytes // (m * hidden.element_size()))
+def _backward_gemm(head: _Head, lse: torch.Tensor, g: torch.Tensor, z_loss: float, slot: torch.Tensor,
+                   d_uniq: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
+                   chunk_bytes: int | None) -> torch.Tensor | None:
+    """Per V chunk: Triton writes dlogits [M, Vc] (input dtype, ``chunk_bytes``), cuBLAS does
+    d_weight[chunk] = dz.T @ h (K = M: one rounding, written once) and d_rows += dz @ W[chunk] (fp32),
+    added into ``d_uniq`` at the end. Memory: the dz chunk, the gathered rows [M, H] and fp32 [M, H]
+    row gradients. Returns d_weight."""
+    hidden, weight, m, v, dev = head.hidden, head.weight, head.m, head.v, head.hidden.device
+    cols = max(1, (chunk_bytes or DZ_CHUNK_BYTES) // (m * hidden.element_size()))
     cols = min(v, cols // 128 * 128 if cols >= 128 else cols)
     dz_buf = torch.empty(m, cols, dtype=hidden.dtype, device=dev)
-    h_rows = hidden[rows] if need_weight else None
-    d_rows = torch.zeros(m, d, dtype=torch.float32, device=dev) if need_hidden else None
+    h_rows = hidden[head.rows] if need_weight else None
+    d_rows = None if d_uniq is None else torch.zeros(m, head.d, dtype=torch.float32, device=dev)
     d_weight = torch.empty_like(weight) if need_weight else None
-    d_bias32 = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else torch.empty(1, dtype=torch.float32, device=dev)
+    db_buf = _or_placeholder(d_bias32, dev)
     for v_lo in range(0, v, cols):
         v_hi = min(v, v_lo + cols)
         dz = dz_buf[:, : v_hi - v_lo]
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))  # noqa: E731,B023
-        _dz_kernel[grid](
-            hidden, weight, weight if bias is None else bias, rows, targets, lse, g, dz_buf, d_bias32,
-            m, v, d, hidden.stride(0), weight.stride(0), dz_buf.stride(0), v_lo, v_hi,
-            float(softcap or 1.0), float(z_loss),
-            HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), DOT_PREC=_dot_precision(hidden.dtype),
-            UPCAST=INTERPRET and hidden.dtype == torch.bfloat16, COMPUTE_DB=need_bias,
+        _dz_kernel[_tile_grid(m, v_hi - v_lo)](
+            *head.args(), lse, g, dz_buf, db_buf, dz_buf.stride(0), v_lo, v_hi, z_loss, **head.flags(),
+            COMPUTE_DB=d_bias32 is not None,
         )
         if need_weight:
             torch.mm(dz.T, h_rows, out=d_weight[v_lo:v_hi])
-        if need_hidden:
+        if d_rows is not None:
             d_rows += _mm_f32(dz, weight[v_lo:v_hi])
-    d_hidden = None
-    if need_hidden:
-        uniq, slot = torch.unique(rows, return_inverse=True)  # repeated rows meet in fp32
-        d_uniq = torch.zeros(uniq.numel(), d, dtype=torch.float32, device=dev).index_add_(0, slot, d_rows)
-        d_hidden = torch.zeros_like(hidden)
-        d_hidden[uniq] = d_uniq.to(hidden.dtype)
-    return d_hidden, d_weight, (d_bias32.to(bias.dtype) if need_bias else None)
+    if d_uniq is not None:
+        d_uniq.index_add_(0, slot, d_rows)  # repeated rows meet in fp32
+    return d_weight
+
+
+_SCHEDULES = {"gemm": _backward_gemm, "atomic": _backward_atomic}
 
 
 def backward(
@@ -410,18 +403,28 @@ def backward(
 
     ``mode``: "gemm" (dlogits chunks + cuBLAS) or "atomic" (one fused kernel); default ``BACKWARD_MODE``.
     ``chunk_bytes`` bounds the staging buffer of either mode (tests make it tiny to cross chunk edges).
+    Both schedules add row gradients into fp32 ``[U, H]`` (U distinct rows) and bias gradients into
+    fp32 ``[V]``; the scatter into ``d_hidden`` and the casts happen here.
     """
     _check(hidden)
     mode = mode or BACKWARD_MODE
-    lse = lse.float().contiguous()
-    g = grad_rows.float().contiguous()
-    if mode == "gemm":
-        return _backward_gemm(hidden, weight, bias, rows, targets, lse, g, softcap, z_loss,
-                              need_hidden, need_weight, need_bias, chunk_bytes or DZ_CHUNK_BYTES)
-    if mode == "atomic":
-        return _backward_atomic(hidden, weight, bias, rows, targets, lse, g, softcap, z_loss,
-                                need_hidden, need_weight, need_bias, chunk_bytes or DW_CHUNK_BYTES)
-    raise ValueError(f"leafe_ce_triton.backward: mode must be 'gemm' or 'atomic', got {mode!r}")
+    if mode not in _SCHEDULES:
+        raise ValueError(f"leafe_ce_triton.backward: mode must be 'gemm' or 'atomic', got {mode!r}")
+    head = _Head(hidden, weight, bias, rows, targets, softcap)
+    dev = hidden.device
+    if need_hidden:
+        uniq, slot = torch.unique(rows, return_inverse=True)
+        d_uniq = torch.zeros(uniq.numel(), head.d, dtype=torch.float32, device=dev)
+    else:
+        uniq, slot, d_uniq = None, rows, None
+    d_bias32 = torch.zeros(head.v, dtype=torch.float32, device=dev) if need_bias else None
+    d_weight = _SCHEDULES[mode](head, lse.float().contiguous(), grad_rows.float().contiguous(), float(z_loss),
+                                slot, d_uniq, d_bias32, need_weight, chunk_bytes)
+    d_hidden = None
+    if need_hidden:
+        d_hidden = torch.zeros_like(hidden)
+        d_hidden[uniq] = d_uniq.to(hidden.dtype)
+    return d_hidden, d_weight, (d_bias32.to(bias.dtype) if need_bias else None)
 
 
 def smoke_test(device: str | torch.device | None = None) -> float:
