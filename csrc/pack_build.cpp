@@ -2,8 +2,14 @@
 // cu_seqlens) and writes the loss rows. The next-token shift happens inside a sample: the target at
 // window position i (i >= 1) is predicted by the hidden state at position i - 1 of the same sample.
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <thread>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -86,8 +92,48 @@ inline void put_target(const BuildOutputs& out, int64_t m, int64_t row, int32_t 
   out.group[m] = g;
 }
 
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux >= 5.14
+#endif
+std::atomic<bool> populate_works{true};
+#endif
+
+// Faults in (and lets the kernel zero) the pages of [p, p + bytes) in one call, before they are written:
+// one madvise per range instead of one fault per page, and with several threads each populates its own
+// range in parallel. Pages at the range edges may be shared with a neighbour thread; populating a page
+// that is already there does nothing. Older kernels (EINVAL): plain first touch, silently.
+void populate(void* p, size_t bytes) {
+#if defined(__linux__)
+  if (bytes == 0 || !populate_works.load(std::memory_order_relaxed)) return;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(p) + bytes;
+  if (madvise(reinterpret_cast<void*>(a), e - a, MADV_POPULATE_WRITE) != 0 && errno == EINVAL)
+    populate_works.store(false, std::memory_order_relaxed);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+template <typename T>
+void populate_slice(T* base, int64_t from, int64_t to) {
+  populate(base + from, static_cast<size_t>(to - from) * sizeof(T));
+}
+
 void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
                  const BuildOutputs& out, int64_t b0, int64_t b1) {
+  if (b0 >= b1) return;
+  {
+    const int64_t t0 = mb_tok_off[b0], t1 = mb_tok_off[b1], m0 = mb_tgt_off[b0], m1 = mb_tgt_off[b1];
+    populate_slice(out.input_ids, t0, t1);
+    populate_slice(out.position_ids, t0, t1);
+    populate_slice(out.rows, m0, m1);
+    populate_slice(out.targets, m0, m1);
+    populate_slice(out.weights, m0, m1);
+    populate_slice(out.group, m0, m1);
+  }
   for (int64_t b = b0; b < b1; ++b) {
     int32_t* ids = out.input_ids + mb_tok_off[b];
     int32_t* pos = out.position_ids + mb_tok_off[b];

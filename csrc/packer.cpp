@@ -29,6 +29,25 @@ py::array_t<T> to_numpy(std::vector<T>&& v) {
                         owned->data(), owner);
 }
 
+// A numpy array over mapped output memory (map_output); the capsule hands it back with the array.
+template <typename T>
+py::array_t<T> mapped_array(int64_t count) {
+  struct Mapping {
+    void* p;
+    size_t bytes;
+  };
+  size_t capacity = 0;
+  void* p = map_output(static_cast<size_t>(count) * sizeof(T), &capacity);
+  auto* owned = new Mapping{p, capacity};
+  py::capsule owner(owned, [](void* m) {
+    auto* mapping = static_cast<Mapping*>(m);
+    unmap_output(mapping->p, mapping->bytes);
+    delete mapping;
+  });
+  return py::array_t<T>({static_cast<py::ssize_t>(count)}, {static_cast<py::ssize_t>(sizeof(T))},
+                        static_cast<T*>(owned->p), owner);
+}
+
 template <typename T>
 const T* ptr(const In<T>& a, py::ssize_t expected, const char* name) {
   if (a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be 1-D");
@@ -140,10 +159,12 @@ py::dict build_binding(In<int32_t> tokens, In<uint8_t> mask, In<int8_t> group, I
     layout_batches(in, tok_off.mutable_data(), tgt_off.mutable_data(), max_seqlen.mutable_data());
   }
   const int64_t T = tok_off.data()[in.num_mb], M = tgt_off.data()[in.num_mb];
-  py::array_t<int32_t> input_ids(T), position_ids(T), cu_seqlens(m + in.num_mb);
-  py::array_t<int64_t> rows(M), targets(M);
-  py::array_t<float> weights(M);
-  py::array_t<int8_t> groups(M);
+  // The big outputs are mapped, not malloc'd: build_batches faults them in per thread (see populate).
+  py::array_t<int32_t> input_ids = mapped_array<int32_t>(T), position_ids = mapped_array<int32_t>(T);
+  py::array_t<int32_t> cu_seqlens(m + in.num_mb);
+  py::array_t<int64_t> rows = mapped_array<int64_t>(M), targets = mapped_array<int64_t>(M);
+  py::array_t<float> weights = mapped_array<float>(M);
+  py::array_t<int8_t> groups = mapped_array<int8_t>(M);
   BuildOutputs out{input_ids.mutable_data(), position_ids.mutable_data(), cu_seqlens.mutable_data(),
                    rows.mutable_data(),      targets.mutable_data(),      weights.mutable_data(),
                    groups.mutable_data()};
@@ -170,6 +191,10 @@ py::dict build_binding(In<int32_t> tokens, In<uint8_t> mask, In<int8_t> group, I
 void register_packer(py::module_& m) {
   m.def("lengths_to_offsets", &lengths_to_offsets, py::arg("lengths"),
         "Offsets [n+1] of n samples with the given lengths in one concatenated buffer.");
+  m.def("pack_release_buffers", []() { return release_output_pool(); },
+        "Unmap the released output buffers kept for reuse; returns the bytes given back to the OS.");
+  m.def("pack_pooled_bytes", []() { return pooled_output_bytes(); },
+        "Bytes of released output buffers kept for reuse by the next pack_build.");
   m.def("pack_plan", &plan_binding, py::arg("ids"), py::arg("lengths"), py::arg("tree_ids"), py::arg("budget"),
         py::arg("strategy"), py::arg("ranks"), py::arg("micro_batches_per_rank"), py::arg("alpha"), py::arg("seed"),
         py::arg("shuffle"), py::arg("keep_trees_together"),

@@ -1,8 +1,9 @@
 // Packer internals shared by the planning (pack_plan.cpp) and assembly (pack_build.cpp) files.
 // Plain C++17, no Python types: the bindings in packer.cpp convert numpy arrays to raw pointers and
 // release the GIL around these calls. The rules below are mirrored line for line by the Python
-// reference in leafe_fast/packing.py; a tie-break changed here must change there too.
+// reference in leafe_fast/packing_reference.py; a tie-break changed here must change there too.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -71,6 +72,15 @@ void layout_batches(const BuildInputs& in, int64_t* mb_tok_off, int64_t* mb_tgt_
 // Fills the outputs; threads > 1 splits the micro-batches into contiguous token-balanced ranges.
 void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
                    const BuildOutputs& out, int threads);
+
+// Output memory (output_pool.cpp). map_output returns at least `bytes`, recycled from a released
+// output when one fits, else a fresh anonymous mapping with transparent huge pages; *capacity gets
+// the real size, which unmap_output needs back. Released outputs are kept (lazily freeable, see
+// MADV_FREE) up to pool_limit() bytes so the next packing skips the kernel's page zeroing.
+void* map_output(size_t bytes, size_t* capacity);
+void unmap_output(void* p, size_t capacity);
+size_t release_output_pool();  // unmaps every pooled buffer; returns the bytes given back
+size_t pooled_output_bytes();
 
 // splitmix64: the one RNG both the C++ and the Python reference use for shuffles.
 uint64_t splitmix64_next(uint64_t& state);

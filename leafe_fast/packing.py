@@ -43,6 +43,10 @@ Documented behaviour at the edges:
   ``stats.split_trees``.
 - when there are fewer items than ``ranks`` x K, "balanced" gives some ranks empty micro-batches
   (``num_tokens == 0``) so that every rank still takes the same number of steps.
+- output memory: the C++ build writes into mapped buffers (transparent huge pages). When a packing is
+  dropped its buffers are kept (``MADV_FREE``: the kernel may still reclaim them) for the next packing,
+  which then skips the kernel's zeroing of GBs of fresh pages; at most a quarter of RAM (16 GiB cap,
+  ``LEAFE_PACK_POOL_BYTES`` overrides). ``release_buffers()`` unmaps them at once.
 - ``shuffle=True`` permutes the order of micro-batches (of slots for "balanced") with ``seed``:
   deterministic, and identical in C++ and Python (splitmix64 + Fisher-Yates).
 """
@@ -150,6 +154,17 @@ class Packing:
         per_rank = [self.steps(micro_per_step, r) for r in range(self.ranks)]
         n = max((len(p) for p in per_rank), default=0)
         return [[p[s] if s < len(p) else [] for p in per_rank] for s in range(n)]
+
+
+def release_buffers() -> int:
+    """Unmap the output buffers that dropped packings left for reuse; returns the bytes given back.
+
+    Why: reusing them makes the next ``pack`` skip page faults and zeroing (half its time on a 5 GB output),
+    but a process that packs once and moves on may want the memory back now, not under pressure.
+    """
+    from leafe_fast import _C
+
+    return int(_C.pack_release_buffers())
 
 
 def target_norms(micro_batches: Sequence[MicroBatch], num_groups: int = 2, by_weight: bool = False) -> np.ndarray:
@@ -450,5 +465,5 @@ def pack_reference(
 
 __all__ = [
     "MicroBatch", "PackStats", "Packing", "pack", "pack_reference", "columns_from_labels", "attention_alpha",
-    "target_norms", "DEFAULT_ALPHA",
+    "target_norms", "release_buffers", "DEFAULT_ALPHA",
 ]

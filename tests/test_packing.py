@@ -7,6 +7,8 @@ exceeds the budget; balanced packings give every rank the same number of micro-b
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -322,3 +324,43 @@ def test_fixed_micro_batch_count_fits_or_fails_the_same_way_in_both(data_seed, r
     assert_same(fast, pack_reference(samples, 48, **kwargs))
     assert all(len(fast.for_rank(r)) == per_rank for r in range(ranks))
     check_invariants(samples, fast, 48, "right")
+
+
+def _big_columns(seed: int, lengths: np.ndarray, mask: np.ndarray) -> SampleColumns:
+    """Columns whose outputs exceed 1 MiB (the mapped, pooled path); tokens differ per seed."""
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(1, 150_000, int(offsets[-1])).astype(np.int32)
+    return SampleColumns(tokens, offsets, mask, rng.integers(0, 2, n).astype(np.int8),
+                         rng.uniform(0.1, 2.0, n).astype(np.float32), -np.ones(n, np.int64), np.zeros(n, np.int32))
+
+
+def test_output_buffers_are_reused_only_after_release_and_fully_rewritten():
+    from leafe_fast.packing import release_buffers
+
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(500, 2500, 300)
+    mask = rng.random(int(lengths.sum())) < 0.5
+    mask[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False
+    release_buffers()
+    a_cols, b_cols = _big_columns(1, lengths, mask), _big_columns(2, lengths, mask)
+    a = pack(a_cols, 4096, threads=2)
+    a_copy = {f: [getattr(mb, f).copy() for mb in a.micro_batches] for f in FIELDS}
+    assert _C.pack_pooled_bytes() == 0
+    b = pack(b_cols, 4096, threads=2)  # a is alive: its buffers must not be handed out
+    for f in FIELDS:
+        for k, kept in enumerate(a_copy[f]):
+            np.testing.assert_array_equal(getattr(a.micro_batches[k], f), kept)
+    assert_same(b, pack_reference(b_cols, 4096))
+    del a
+    gc.collect()
+    pooled = _C.pack_pooled_bytes()
+    assert pooled >= 4 * int(lengths.sum())  # at least input_ids came back to the pool
+    c = pack(b_cols, 4096, threads=1, seed=3)  # same sizes: recycles a's buffers, holding a's data
+    assert _C.pack_pooled_bytes() < pooled
+    assert_same(c, pack_reference(b_cols, 4096, seed=3))
+    del b, c
+    gc.collect()
+    assert release_buffers() > 0
+    assert _C.pack_pooled_bytes() == 0
