@@ -28,6 +28,7 @@ CPU), peak memory (CUDA allocator; on the CPU no per-peer figure), and the loss 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import sys
@@ -89,6 +90,27 @@ def leafe_samples(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _stock_modeling_code():
+    """Undo Liger's process-wide patches when a peer is done.
+
+    Liger's instance patching also rebinds names in ``modeling_qwen2`` (RoPE function, RMSNorm and MLP
+    classes); without this, every HF model built after the leafe-fast peer would silently run Liger
+    kernels and the "eager" peers would not be what their names say.
+    """
+    from transformers.models.qwen2 import modeling_qwen2
+
+    saved = dict(vars(modeling_qwen2))
+    try:
+        yield
+    finally:
+        for name in [k for k in vars(modeling_qwen2) if k not in saved]:
+            delattr(modeling_qwen2, name)
+        for name, value in saved.items():
+            if getattr(modeling_qwen2, name, None) is not value:
+                setattr(modeling_qwen2, name, value)
 
 
 def _reset_mem(device: torch.device) -> None:
@@ -331,17 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         _reset_mem(device)
         t0 = time.perf_counter()
         prepared = {}
-        for name in group:
+        with _stock_modeling_code():  # each peer sees stock transformers code (GPU: one peer a group)
+            for name in group:
+                try:
+                    prepared[name] = PEERS[name](args, cfg, samples, device, dtype)
+                except torch.cuda.OutOfMemoryError as exc:
+                    results[name] = {"oom": str(exc).splitlines()[0]}
+            runnable = {k: v for k, v in prepared.items() if "steps" in v}
+            results.update({k: v for k, v in prepared.items() if "steps" not in v})
             try:
-                prepared[name] = PEERS[name](args, cfg, samples, device, dtype)
+                _measure(runnable, args.warmup, device)
             except torch.cuda.OutOfMemoryError as exc:
-                results[name] = {"oom": str(exc).splitlines()[0]}
-        runnable = {k: v for k, v in prepared.items() if "steps" in v}
-        results.update({k: v for k, v in prepared.items() if "steps" not in v})
-        try:
-            _measure(runnable, args.warmup, device)
-        except torch.cuda.OutOfMemoryError as exc:
-            runnable = {k: {"oom": str(exc).splitlines()[0]} for k in runnable}
+                runnable = {k: {"oom": str(exc).splitlines()[0]} for k in runnable}
         for name, res in runnable.items():
             if res.get("tokens_per_s"):
                 res["mfu"] = res["tokens_per_s"] * 6 * n_params / peak

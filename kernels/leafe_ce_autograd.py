@@ -74,10 +74,12 @@ class LeafeRowLoss(torch.autograd.Function):
             d_w = torch.zeros_like(weight) if need_w else None
             d_b = torch.zeros_like(bias) if need_b else None
         elif need_h or need_w or need_b:
-            d_h, d_w, d_b = _ops(ctx.backend).backward(
-                hidden, weight, bias, rows, targets, lse, grad_rows.contiguous(),
-                ctx.softcap, ctx.z_loss, need_h, need_w, need_b,
-            )
+            # no autocast in here even if backward() is called inside one: the ops keep the inputs' dtype
+            with torch.autocast(hidden.device.type, enabled=False):
+                d_h, d_w, d_b = _ops(ctx.backend).backward(
+                    hidden, weight, bias, rows, targets, lse, grad_rows.contiguous(),
+                    ctx.softcap, ctx.z_loss, need_h, need_w, need_b,
+                )
         return d_h, d_w, d_b, None, None, None, None, None
 
 

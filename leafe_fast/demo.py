@@ -1,6 +1,6 @@
 """``leafe-fast demo``: the whole LEAFE pipeline on the CPU with a tiny random model, in minutes.
 
-    leafe-fast demo                          # defaults: 1.5-3 minutes on a 2-core CPU
+    leafe-fast demo                          # defaults: about a minute on a 2-core CPU
     leafe-fast demo --tasks 2 --eval-tasks 2 --n 2 --train-steps 2 --warmup-steps 2   # smoke run
 
 What it does, in order (everything under ``--out``, default ``runs/demo``):

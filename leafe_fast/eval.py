@@ -132,6 +132,10 @@ def evaluate(
         raise ValueError(f"evaluate: every k must be in [1, n={n}], got {ks}")
     if not tasks:
         raise ValueError("evaluate: no tasks")
+    ids = [t.task_id for t in tasks]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"evaluate: task ids must be unique (results are per task); repeated: {twice[:5]}")
     ops = _ChatOps(chat)
     base = sampling or SamplingParams(temperature=1.0, max_new_tokens=64)
     if not base.stop_token_ids:
@@ -158,6 +162,7 @@ def evaluate(
             for e in active:
                 e.done = True
             cut += len(active)
+            finished += len(active)
             bar.update(len(active))
             break
         if max_context_tokens is not None:

@@ -259,13 +259,16 @@ def leafe_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )  # Function.forward cannot tell no_grad from grad mode, so decide here
-    if backend == "torch" and reduction != "none" and wants_grad:
-        # gradient in forward: one logits pass instead of two (see LeafeScaledLoss)
-        loss, ce = LeafeScaledLoss.apply(*tensors, scale, softcap, float(z_loss), backend)
-    else:
-        row_loss, ce = LeafeRowLoss.apply(*tensors, softcap, float(z_loss), backend)
-        contrib = scale * row_loss
-        loss = contrib if reduction == "none" else contrib.sum()
+    # Autocast (an HF Trainer with bf16=True) would recast the chunked torch path's matmuls to bf16 inside
+    # the Functions (wrong dtype for its fp32 buffers, lost precision); the inputs' dtype is the contract.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if backend == "torch" and reduction != "none" and wants_grad:
+            # gradient in forward: one logits pass instead of two (see LeafeScaledLoss)
+            loss, ce = LeafeScaledLoss.apply(*tensors, scale, softcap, float(z_loss), backend)
+        else:
+            row_loss, ce = LeafeRowLoss.apply(*tensors, softcap, float(z_loss), backend)
+            contrib = scale * row_loss
+            loss = contrib if reduction == "none" else contrib.sum()
     sums, counts, wsums = _group_stats(group, weights, ce, num_groups)
     return LeafeLossOutput(loss, sums, counts, wsums)
 

@@ -101,6 +101,18 @@ def test_cpu_backend_selection(monkeypatch):
         A.select_backend("cpu", "magic")
 
 
+def test_fp32_never_reaches_the_flash_kernels(monkeypatch):
+    """precision='fp32' on CUDA: 'auto' must not hand fp32 to flash kernels (16-bit only); it takes SDPA."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(11, 4, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    ref = A.varlen_attention_packed(q, k, v, cu, 7, backend="loop")
+    monkeypatch.setattr(A, "select_backend", lambda *a, **kw: "torch_varlen")  # as on a CUDA machine
+    torch.testing.assert_close(A.varlen_attention_packed(q, k, v, cu, 7), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs float16/bfloat16 inputs"):
+        A.varlen_attention_packed(q, k, v, cu, 7, backend="torch_varlen")
+
+
 def test_cu_seqlens_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 0, 1]])
     assert A.cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 4, 6]

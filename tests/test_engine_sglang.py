@@ -54,17 +54,23 @@ class _FakeEngine:
         self.cached: dict = {}
         _FakeEngine.instances.append(self)
 
-    def generate(self, **kw):
+    # Parameter names as in sglang.Engine (python/sglang/srt/entrypoints/engine.py), so a renamed or
+    # misspelt keyword fails here as it would against the real engine.
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, *, stream=False):
+        kw = {"input_ids": input_ids, "sampling_params": sampling_params}
+        assert prompt is None and not stream
         self.calls.append(("generate", kw))
-        return _fake_outputs(kw["input_ids"], kw["sampling_params"], self.cached)
+        return _fake_outputs(input_ids, sampling_params, self.cached)
 
-    def update_weights_from_tensor(self, **kw):
-        self.calls.append(("update_weights_from_tensor", kw))
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        assert load_format is None
+        self.calls.append(("update_weights_from_tensor", {"named_tensors": named_tensors, "flush_cache": flush_cache}))
         return True, "ok"
 
-    def update_weights_from_disk(self, **kw):
-        self.calls.append(("update_weights_from_disk", kw))
-        return (not kw["model_path"].endswith("bad")), "cannot load", 0
+    def update_weights_from_disk(self, model_path, load_format=None):
+        assert load_format is None
+        self.calls.append(("update_weights_from_disk", {"model_path": model_path}))
+        return (not model_path.endswith("bad")), "cannot load", 0
 
     def flush_cache(self):
         self.calls.append(("flush_cache", {}))

@@ -287,3 +287,14 @@ def test_loader_errors_name_line_and_field(tmp_path: Path, bad, message: str) ->
 def test_loader_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no problem file"):
         load_problems(tmp_path / "absent.jsonl")
+
+
+def test_judgement_cache_tells_apart_problems_that_share_a_name() -> None:
+    # Two user files may reuse a problem name; a cached verdict must not leak between them.
+    env = CodeEnv(limits=LIMITS)
+    env.reset(ADD_TASK)
+    assert env.step(RIGHT).success
+    other = {**ADD, "private_tests": {"input": ["2 2\n"], "output": ["5\n"]}, "generated_tests": {"input": [], "output": []}}
+    env.reset(Problem.from_record(other).to_task())
+    result = env.step(RIGHT)
+    assert not result.success and result.info["verdict"] == "wrong_answer"

@@ -93,6 +93,8 @@ def test_evaluate_with_scripted_policy_on_sokoban():
     assert out["tokens"]["output"] > 0 and out["tokens"]["prompt"] > 0
     with pytest.raises(ValueError, match="every k"):
         evaluate(engine, chat, SokobanEnv(), tasks, n=2, ks=(3,), progress=False)
+    with pytest.raises(ValueError, match="task ids must be unique.*repeated"):
+        evaluate(engine, chat, SokobanEnv(), [tasks[0], tasks[0]], n=2, progress=False)
 
 
 def test_evaluate_ends_episodes_that_outgrow_the_context():

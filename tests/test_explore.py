@@ -287,6 +287,25 @@ def test_a_malformed_line_in_the_output_file_is_named(tmp_path):
         run(tmp_path, [line_task(1, goal=1)], Policy(plan=["right"]))
 
 
+def test_a_complete_last_record_without_newline_is_kept(tmp_path):
+    # a file written by another tool may lack the final newline: that tree is read, not dropped
+    out = tmp_path / "trees.jsonl"
+    run(tmp_path, [line_task(0, goal=1)], Policy(plan=["right"]))
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))
+    assert [t.task_id for t in read_trees(out)] == ["line-0"]
+    summary, trees, _ = run(tmp_path, [line_task(0, goal=1), line_task(1, goal=1)], Policy(plan=["right"]))
+    assert summary.skipped == 1 and [t.task_id for t in trees] == ["line-0", "line-1"]
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path):
+    out = tmp_path / "trees.jsonl"
+    run(tmp_path, [line_task(0, goal=1)], Policy(plan=["right"]))
+    with out.open("ab") as f:
+        f.write(b'{"schema": "leafe.tree/1", "task_id": "torn", "nod')
+    with pytest.warns(RuntimeWarning, match=r"trees.jsonl:2: skipping an unterminated"):
+        assert [t.task_id for t in read_trees(out)] == ["line-0"]
+
+
 def test_config_json_and_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"reflector": "grounded", "max_branches": 2, "env_kwargs": {"max_steps": 9}}))

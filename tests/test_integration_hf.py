@@ -149,6 +149,11 @@ def test_collator_formats_and_errors():
         coll([])
     with pytest.raises(ValueError, match="no row of this batch has a target"):
         coll([{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}])
+    from leafe_fast.integrations.hf import leafe_compute_loss
+
+    partial = {k: v for k, v in b.items() if k not in ("weights", "group")}  # not from LeafeCollator
+    with pytest.raises(KeyError, match=r"batch lacks \['weights', 'group'\]"):
+        leafe_compute_loss(torch.nn.Linear(1, 1), partial)
 
 
 def test_mixin_normalizes_over_accumulated_step(tmp_path):

@@ -215,6 +215,23 @@ def test_scalar_loss_gradient_scales_with_upstream_gradient():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])  # gradient-in-forward and recompute paths
+def test_autocast_around_the_loss_changes_nothing(backend, reduction):
+    """An HF Trainer with bf16=True calls the loss inside autocast: it must keep the inputs' dtype
+    (it used to crash in the gradient-in-forward path and round logits to bf16 in the other)."""
+    t = make(bias=True)
+    plain = run(t, backend, reduction=reduction)
+    g_plain = grads(plain, t)
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        cast = run(t, backend, reduction=reduction)
+        g_cast = grads(cast, t)
+    assert cast.loss.dtype == plain.loss.dtype
+    assert_close(cast.loss, plain.loss, 1e-6, 1e-6, "loss under autocast")
+    for a, b, name in zip(g_cast, g_plain, ("d_hidden", "d_weight", "d_bias")):
+        assert_close(a, b, 1e-6, 1e-6, f"{name} under autocast")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_evaluation_gives_the_same_loss(backend, monkeypatch):
     from leafe_fast.kernels import leafe_ce_torch
 

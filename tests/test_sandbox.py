@@ -265,6 +265,28 @@ def test_file_size_limit_applies_to_files_it_writes(sandbox: Sandbox) -> None:
     assert "File too large" in result.stderr
 
 
+def test_total_disk_use_is_capped_and_host_disk_untouched(namespaces: Sandbox, tmp_path: Path) -> None:
+    # Many files, each under the per-file limit: together they hit the work dir's quota, not the host's disk.
+    limits = replace(LIMITS, max_disk_bytes=1 << 20)
+    sandbox = Sandbox(limits=limits, base_dir=tmp_path)
+    program = (
+        "import os\n"
+        "n = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        open(f'f{n}', 'wb').write(b'x' * (60 << 10))\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print(n, os.strerror(e.errno))\n"
+    )
+    result = sandbox.run(program)
+    assert result.verdict is Verdict.OK, result.stderr
+    written, reason = result.stdout.split(" ", 1)
+    assert 0 < int(written) * (60 << 10) <= 1 << 20
+    assert reason.strip() == "No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_environment_is_stripped(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LEAFE_TEST_SECRET", "hunter2")
     result = sandbox.run("import os\nprint(sorted(os.environ))")

@@ -116,7 +116,8 @@ def test_resume_gives_identical_losses(tmp_path, precision):
 def test_resume_without_checkpoint_starts_fresh_and_bad_path_errors(tmp_path):
     tok, cfg = tiny("qwen2")
     samples = random_samples(6, len(tok), seed=4)
-    t = _trainer(cfg, tok, samples, tmp_path / "none", resume=True, max_steps=1)
+    with pytest.warns(UserWarning, match="holds no checkpoint; starting from step 0"):
+        t = _trainer(cfg, tok, samples, tmp_path / "none", resume=True, max_steps=1)
     assert t.step == 0
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _trainer(cfg, tok, samples, tmp_path / "x", resume=str(tmp_path / "missing"))
@@ -340,3 +341,18 @@ def test_cuda_bf16_training_tracks_cpu_fp32():
     for precision in ("bf16-mixed", "bf16-pure"):
         torch.testing.assert_close(torch.tensor(losses[precision]), torch.tensor(losses["fp32"]), rtol=3e-2,
                                    atol=3e-2)
+
+
+def test_trainer_reports_samples_the_packer_skipped():
+    """A sample with no target teaches nothing and is not packed; the trainer says so (never silently)."""
+    from leafe_fast.data.sample import Sample, SampleColumns
+
+    tok, cfg = tiny("qwen2")
+    cols = random_samples(4, len(tok), seed=3)
+    samples = cols.to_samples()
+    samples.append(Sample(np.arange(5, dtype=np.int32), np.zeros(5, dtype=bool), group=0, weight=1.0))
+    model = load_model(cfg, dtype="float32", device="cpu", seed=0)
+    with pytest.warns(UserWarning, match=r"skipped 1 sample\(s\) with no target token \(ids \[4\]\)"):
+        trainer = Trainer(model, SampleColumns.from_samples(samples),
+                          TrainConfig(max_steps=1, progress=False, peak_flops=None))
+    assert trainer.pack_stats.skipped == [4]

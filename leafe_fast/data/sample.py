@@ -10,6 +10,7 @@ token buffer plus offsets.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -118,6 +119,8 @@ class SampleColumns:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         tmp.replace(path)
 
     @classmethod

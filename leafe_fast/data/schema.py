@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -131,8 +132,9 @@ class Tree:
 def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
     """Read a trees.jsonl file; a malformed line raises TreeFormatError naming file and line.
 
-    A final line without a newline is a write cut off mid-way (a killed run) and is skipped:
-    it was never acknowledged as written.
+    A final line without a newline is either a write cut off mid-way (a killed run: not valid
+    JSON, skipped with a warning, it was never acknowledged as written) or a complete record
+    whose newline is missing (a file written by other tools: read like any other line).
     """
     path = Path(path)
     if not path.exists():
@@ -141,6 +143,16 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
         data = f.read()
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
+    if tail.strip():
+        if _is_json(tail):
+            complete.append(tail)
+        else:
+            warnings.warn(
+                f"{path}:{len(lines)}: skipping an unterminated, incomplete last line (an append cut "
+                "off by a killed run)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     for lineno, raw in enumerate(complete, start=1):
         if not raw.strip():
             continue
@@ -152,7 +164,14 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
             yield Tree.from_dict(record)
         except TreeFormatError as e:
             raise TreeFormatError(f"{path}:{lineno}: {e}") from e
-    del tail  # an unterminated last line is an interrupted append
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def read_trees(path: str | os.PathLike) -> list[Tree]:
@@ -163,7 +182,7 @@ class TreeWriter:
     """Appends one tree per line with flush + fsync, so a finished tree survives a kill.
 
     A partial last line left by an earlier killed run is cut away on open, so new records start
-    on a line of their own.
+    on a line of their own; a complete last record that only lacks its newline gets one.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -180,7 +199,10 @@ class TreeWriter:
             data = f.read()
             if data and not data.endswith(b"\n"):
                 keep = data.rfind(b"\n") + 1
-                f.truncate(keep)
+                if _is_json(data[keep:]):  # read as a tree by iter_trees: keep it
+                    f.write(b"\n")
+                else:
+                    f.truncate(keep)
 
     def write(self, tree: Tree) -> None:
         tree.validate()

@@ -6,9 +6,9 @@ site-packages. ``HOSTDIR`` holds ``config.json`` (written by the parent), the jo
 receives the job outputs and ``status.json``.
 
 Isolation ``namespaces`` (needs root): the launcher enters new mount, network, PID, IPC and UTS
-namespaces, builds a minimal read-only root (system directories, the interpreter's prefix, the
-work directory as ``/tmp``) and pivots into it. It then forks the PID namespace's init, which
-runs each job as a fresh unprivileged uid (``uid_base + launcher pid``: unique among live
+namespaces, builds a minimal read-only root (system directories, the interpreter's prefix, and a
+size-limited tmpfs as ``/tmp`` seeded with the work directory's files) and pivots into it. It then
+forks the PID namespace's init, which runs each job as a fresh unprivileged uid (``uid_base + launcher pid``: unique among live
 sandboxes, so ``RLIMIT_NPROC``, counted per uid, is this sandbox's alone). After each job init
 kills everything left in the namespace; when init exits the kernel kills whatever remains. If the
 launcher dies, init follows it (``PR_SET_PDEATHSIG``).
@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import select
+import shutil
 import signal
 import sys
 import time
@@ -100,13 +101,16 @@ def _within(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def _build_root(root: str, workdir: str, expose: list[str], hide: list[str]) -> None:
+def _build_root(
+    root: str, workdir: str, expose: list[str], hide: list[str], disk_bytes: int, owner: int | None
+) -> None:
     """In the new mount namespace, build a minimal root in ``root`` (init pivots into it).
 
     The root is a small tmpfs holding: the system directories, the interpreter prefixes (bound at
-    their own paths, so nothing has to be traversable on the host), the work dir as ``/tmp``
-    (read-write), a minimal ``/dev`` and an empty ``/proc`` (init mounts its own). Everything else of the host (home
-    directories, /work, /var, /opt, /mnt, the host's /tmp) does not exist inside. Directories in
+    their own paths, so nothing has to be traversable on the host), ``/tmp`` (read-write): a tmpfs
+    of ``disk_bytes`` owned by ``owner``, starting with a copy of the work dir's files, so the
+    program's writes together cannot fill the host's disk; a minimal ``/dev`` and an empty
+    ``/proc`` (init mounts its own). Everything else of the host (home directories, /work, /var, /opt, /mnt, the host's /tmp) does not exist inside. Directories in
     ``hide`` that would be visible (site-packages holding this library and its problem files)
     are covered by empty tmpfs. Then every mount but /tmp is made read-only, and checked.
     """
@@ -128,7 +132,16 @@ def _build_root(root: str, workdir: str, expose: list[str], hide: list[str]) -> 
             _mount(path, target, None, MS_BIND | MS_REC)
             bound.append(path)
     os.mkdir(root + "/tmp", 0o755)
-    _mount(workdir, root + "/tmp", None, MS_BIND)
+    owned = f",uid={owner},gid={owner}" if owner is not None else ""
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={int(disk_bytes)}{owned}")
+    for entry in os.scandir(workdir):  # the program's source, written by the parent before launch
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        target = os.path.join(root + "/tmp", entry.name)
+        shutil.copyfile(entry.path, target)
+        os.chmod(target, entry.stat().st_mode & 0o777)
+        if owner is not None:
+            os.chown(target, owner, owner)
     os.mkdir(root + "/proc", 0o555)
     os.mkdir(root + "/dev", 0o755)
     for name in DEVICES:
@@ -374,7 +387,8 @@ def main(hostdir: str) -> int:
             raise OSError("namespace isolation needs root (use 'userns' or 'rlimits')")
         else:
             _check(_libc.unshare(flags), "unshare")
-        _build_root(cfg["root"], cfg["workdir"], cfg["expose"], cfg["hide"])
+        _build_root(cfg["root"], cfg["workdir"], cfg["expose"], cfg["hide"],
+                    cfg["limits"].get("max_disk_bytes", 64 << 20), uid)
     except OSError as e:
         status["error"] = f"sandbox set-up failed ({cfg['isolation']}): {e}"
         _write_status(host_fd, status)

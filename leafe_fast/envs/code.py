@@ -273,6 +273,7 @@ class CodeEnv:
             max_processes=self.limits.max_processes,
             max_output_bytes=self.limits.max_output_bytes,
             max_open_files=self.limits.max_open_files,
+            max_disk_bytes=self.limits.max_disk_bytes,
         )
 
     def _judge(self, code: str | None) -> Judgement:
@@ -282,7 +283,8 @@ class CodeEnv:
         if code is None:
             return Judgement(NO_CODE, 0, total, "No Python program found: put the complete program in a ```python block.")
         limits = self._limits()
-        key = (p.name, hashlib.sha256(code.encode()).hexdigest(), limits, self.partial_credit, self.reveal_hidden_tests)
+        # Keyed by the whole problem (tests included), not its name: two files may reuse a name.
+        key = (p, hashlib.sha256(code.encode()).hexdigest(), limits, self.partial_credit, self.reveal_hidden_tests)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]

@@ -16,7 +16,8 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
   * files: a fresh mount namespace and a minimal root (pivot_root into a small tmpfs) that holds
     only /usr, /bin, /lib*, /sbin, /etc and the interpreter's prefix, all read-only, a /dev with
     null, zero, full, random and urandom, its own /proc, and the work directory as ``/tmp`` (also
-    cwd, HOME, TMPDIR), the only writable place. Home directories, /work, /var, /opt, /dev/shm
+    cwd, HOME, TMPDIR), the only writable place: a tmpfs of ``Limits.max_disk_bytes``, so the
+    program's files together cannot fill the host's disk (they count against memory). Home directories, /work, /var, /opt, /dev/shm
     and the host's /tmp do not exist inside; site-packages and
     this library's own directory (which holds the shipped problems with their hidden tests) are
     covered by empty tmpfs, so a policy cannot read the answers;
@@ -26,8 +27,7 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
     everything left after each job, and which the kernel empties when init exits;
   * the program cannot signal or trace host processes (other uid) nor see them (own ``/proc``).
   Not covered: total memory is per process (``RLIMIT_AS`` x process limit); threads count as
-  processes; total disk use of the work directory is bounded only per file and by CPU time; no
-  seccomp filter (the kernel attack surface is that of an ordinary unprivileged process).
+  processes; no seccomp filter (the kernel attack surface is that of an ordinary unprivileged process).
 
 ``userns`` (unprivileged users, where the kernel allows user namespaces; Linux >= 5.14): the same
   namespaces and minimal root, entered as root of a new user namespace; each job then runs as uid
@@ -37,7 +37,8 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
   host grants it that user's file permissions, which only matter for the read-only system
   directories it sees.
 
-``rlimits`` (fallback where neither works): the same resource limits, a new session per job whose
+``rlimits`` (fallback where neither works): the same resource limits (but the work directory is on
+  the host's disk, bounded only per file and by CPU time), a new session per job whose
   process group is killed afterwards, and a Python audit hook that refuses socket creation,
   connect, bind and name resolution. Weaker, and said so: native code (ctypes) bypasses the
   audit hook; the program sees the host's files (writes limited by permissions). As root, jobs
@@ -104,7 +105,8 @@ class Verdict(str, enum.Enum):
 @dataclass(frozen=True)
 class Limits:
     """Per-job limits. ``cpu_seconds`` is enforced by the kernel in whole seconds (rounded up)
-    and re-checked from the measured usage; ``max_output_bytes`` caps stdout and every file."""
+    and re-checked from the measured usage; ``max_output_bytes`` caps stdout and every file;
+    ``max_disk_bytes`` caps all files in the work directory together (namespace isolation)."""
 
     cpu_seconds: float = 2.0
     wall_seconds: float = 5.0
@@ -112,9 +114,11 @@ class Limits:
     max_processes: int = 16
     max_output_bytes: int = 1 << 20
     max_open_files: int = 64
+    max_disk_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        for name in ("cpu_seconds", "wall_seconds", "memory_bytes", "max_processes", "max_output_bytes"):
+        for name in ("cpu_seconds", "wall_seconds", "memory_bytes", "max_processes", "max_output_bytes",
+                     "max_disk_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)!r}")
         if self.memory_bytes < 32 << 20:
@@ -391,6 +395,7 @@ class Sandbox:
                 "max_processes": limits.max_processes,
                 "max_output_bytes": limits.max_output_bytes,
                 "max_open_files": limits.max_open_files,
+                "max_disk_bytes": limits.max_disk_bytes,
             },
             "jobs": jobs,
         }

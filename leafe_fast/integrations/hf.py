@@ -226,7 +226,7 @@ def leafe_compute_loss(
     from leafe_fast.loss import leafe_loss
 
     del num_items_in_batch
-    missing = [k for k in ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "rows", "targets") if k not in inputs]
+    missing = [k for k in ("input_ids", "position_ids", "cu_seqlens", "max_seqlen", "rows", "targets", "weights", "group") if k not in inputs]
     if missing:
         raise KeyError(f"leafe_compute_loss: batch lacks {missing}; use data_collator=LeafeCollator()")
     hidden = _hidden_states(model, inputs)

@@ -15,6 +15,8 @@ Backends, fastest first (``select_backend``):
   memory, so used for short packs on the CPU)
 - ``loop``         one causal SDPA call per sample (any device; O(max_len^2) memory, slow for many samples)
 
+The two flash backends take fp16/bf16 only: fp32 inputs (precision="fp32" on CUDA) go to the SDPA paths.
+
 Without ``cu_seq_lens_*`` the boundaries come from ``position_ids`` restarting at 0, so a plain
 ``model(input_ids, position_ids=...)`` call on a packed row is also correct. Padded [B, T] batches and
 KV-cached decoding (evaluation, generation) fall back to ordinary SDPA with transformers' padding mask.
@@ -140,6 +142,12 @@ def varlen_attention_packed(
     groups = heads // k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
     name = select_backend(q.device, backend, total) if backend == "auto" or backend in BACKENDS else backend
+    if name in ("flash_attn", "torch_varlen") and q.dtype not in (torch.float16, torch.bfloat16):
+        # The flash kernels take 16-bit inputs only (precision="fp32" on CUDA): exact SDPA paths instead.
+        if backend != "auto":
+            raise ValueError(f"attention backend {name!r} needs float16/bfloat16 inputs, got {q.dtype}; "
+                             "use 'sdpa_mask' or 'loop' (or 'auto') for fp32")
+        name = "sdpa_mask" if total <= MASK_MAX_TOKENS else "loop"
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_seqlen = int(max_seqlen)
     if name in ("flash_attn", "torch_varlen"):

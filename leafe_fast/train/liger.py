@@ -35,8 +35,13 @@ def apply_liger(model: nn.Module, *, required: bool = False) -> bool:
     elif not liger_available():
         reason = "liger-kernel is not installed (pip install 'leafe-fast[gpu]')"
     if reason is None:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            # Liger itself only logs and returns for these: without this check we would report "applied".
+            reason = f"Liger has no kernels for model type {model_type!r}"
+    if reason is None:
         try:
             _apply_liger_kernel_to_instance(
                 model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -194,8 +195,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._saved_step = -1
         self.peak_flops = self._resolve_peak_flops(cfg.peak_flops)
-        if cfg.resume:
-            self.resume(cfg.resume)
+        if cfg.resume and not self.resume(cfg.resume) and self.dist.is_main:
+            warnings.warn(f"Trainer: resume requested but {self.out / 'checkpoints'} holds no checkpoint; "
+                          "starting from step 0", stacklevel=2)
 
     # ------------------------------------------------------------------------------------------ data
     def _micro_batches(self, epoch: int) -> list[Any]:
@@ -212,6 +214,13 @@ class Trainer:
             self.samples, cfg.token_budget, strategy=strategy, ranks=self.dist.world_size,
             seed=cfg.seed + epoch, truncation=cfg.truncation,
         )
+        st = self.pack_stats = packing.stats
+        if (st.skipped or st.truncated) and self.dist.is_main and self.epoch_loaded < 0:  # once per run
+            # never a silent drop: say what the packer left out or cut (see leafe_fast.packing)
+            warnings.warn(
+                f"Trainer: the packer skipped {len(st.skipped)} sample(s) with no target token "
+                f"(ids {st.skipped[:10]}) and truncated {len(st.truncated)} (truncation={cfg.truncation!r}); "
+                "see Trainer.pack_stats", stacklevel=2)
         # the packer already shuffles the micro-batch order with the seed (deterministic: resumable)
         mbs = list(packing.for_rank(self.dist.rank)) if self.dist.world_size > 1 else list(packing.micro_batches)
         self.epoch_batches = mbs
