@@ -8,10 +8,10 @@ receives the job outputs and ``status.json``.
 Isolation ``namespaces`` (needs root): the launcher enters new mount, network, PID, IPC and UTS
 namespaces, builds a minimal read-only root (system directories, the interpreter's prefix, and a
 size-limited tmpfs as ``/tmp`` seeded with the work directory's files) and pivots into it. It then
-forks the PID namespace's init, which runs each job as a fresh unprivileged uid (``uid_base + launcher pid``: unique among live
-sandboxes, so ``RLIMIT_NPROC``, counted per uid, is this sandbox's alone). After each job init
-kills everything left in the namespace; when init exits the kernel kills whatever remains. If the
-launcher dies, init follows it (``PR_SET_PDEATHSIG``).
+forks the PID namespace's init, which runs each job as a fresh unprivileged uid (``uid_base +
+launcher pid``: unique among live sandboxes, so ``RLIMIT_NPROC``, counted per uid, is this
+sandbox's alone). After each job init kills everything left in the namespace; when init exits the
+kernel kills whatever remains. If the launcher dies, init follows it (``PR_SET_PDEATHSIG``).
 
 Isolation ``userns`` (unprivileged): the same, entered as root of a new user namespace that maps
 the invoking user; each job runs as uid 1000 of its own nested user namespace.
@@ -110,8 +110,8 @@ def _build_root(
     their own paths, so nothing has to be traversable on the host), ``/tmp`` (read-write): a tmpfs
     of ``disk_bytes`` owned by ``owner``, starting with a copy of the work dir's files, so the
     program's writes together cannot fill the host's disk; a minimal ``/dev`` and an empty
-    ``/proc`` (init mounts its own). Everything else of the host (home directories, /work, /var, /opt, /mnt, the host's /tmp) does not exist inside. Directories in
-    ``hide`` that would be visible (site-packages holding this library and its problem files)
+    ``/proc`` (init mounts its own). Everything else of the host (home directories, /work, /var,
+    /opt, /mnt, the host's /tmp) does not exist inside. Directories in ``hide`` that would be visible (site-packages holding this library and its problem files)
     are covered by empty tmpfs. Then every mount but /tmp is made read-only, and checked.
     """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
