@@ -261,18 +261,17 @@ def run_hf_packed(args, cfg, samples, device, dtype, liger: bool = False) -> dic
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=True)
     opt = _optimizer(model, device)
-    items = samples.to_samples()
     packs = pack(samples, args.budget, seed=args.seed).micro_batches
     need = args.warmup + args.steps
     packs = (packs * math.ceil(need / len(packs)))[:need]
 
     def step(mb):
         def fn():
-            ids = np.concatenate([items[j].input_ids for j in mb.sample_ids]).astype(np.int64)
-            pos = np.concatenate([np.arange(len(items[j])) for j in mb.sample_ids])
-            # a sample's first token must not be predicted from the previous sample: HF shifts labels
-            # inside the row, so the first label of each sample is -100
-            lab = np.concatenate([_labels(items[j]) for j in mb.sample_ids])
+            # the same packed rows leafe-fast trains on; HF shifts labels inside the row, so label t is the
+            # target predicted from position t - 1 = rows + 1 (a sample's first token is never a label)
+            ids, pos = mb.input_ids.astype(np.int64), mb.position_ids.astype(np.int64)
+            lab = np.full(len(ids), -100, np.int64)
+            lab[mb.rows + 1] = mb.targets
             t = lambda x: torch.as_tensor(x, device=device)[None]  # noqa: E731
             with _autocast(device, args.precision):
                 out = model(input_ids=t(ids), position_ids=t(pos), labels=t(lab))

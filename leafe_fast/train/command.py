@@ -99,11 +99,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dist_info = init_distributed(args.device)
     model, tok = _model_and_tokenizer(args, dist_info.device)
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(samples.tokens) and int(samples.tokens.max()) >= vocab:
-        print(f"leafe-fast train: samples contain token id {int(samples.tokens.max())} but the model's vocabulary "
-              f"has {vocab} entries (were the samples built with another tokenizer?)", file=sys.stderr)
-        return 2
     cfg = TrainConfig(
         output_dir=args.out, max_steps=args.steps, epochs=args.epochs, token_budget=args.budget,
         grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
@@ -112,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every, resume=args.resume, export=not args.no_export, log_every=args.log_every,
         progress=not args.no_progress, precision=args.precision,
     )
-    trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
+    try:
+        trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
+    except ValueError as exc:  # bad samples for this model (vocabulary, groups, nothing to pack): say which
+        print(f"leafe-fast train: {exc}", file=sys.stderr)
+        return 2
     summary = trainer.train()
     if dist_info.is_main:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -162,15 +162,18 @@ class LeafeCausalLM(nn.Module):
     autocast_dtype: run the decoder under ``torch.autocast`` in this dtype (bf16-mixed on one process:
     fp32 parameters, bf16 matmuls). None: compute in the parameters' own dtype (fp32, bf16-pure, or the
     bf16 copies FSDP2's mixed-precision policy gathers).
+    check_ranges: let the loss verify target and group ranges on every call (a device sync on CUDA). The
+    Trainer checks its packed micro-batches once per epoch on the host and turns this off.
     """
 
     def __init__(self, model: nn.Module, lambdas: Sequence[float] = (1.0, 1.0), z_loss: float = 0.0,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, check_ranges: bool = True):
         super().__init__()
         self.model = model
         self.lambdas = tuple(float(x) for x in lambdas)
         self.z_loss = float(z_loss)
         self.autocast_dtype = autocast_dtype
+        self.check_ranges = check_ranges
 
     def forward(self, batch: Any, norms: torch.Tensor):
         from leafe_fast.loss import leafe_loss
@@ -196,25 +199,24 @@ class LeafeCausalLM(nn.Module):
         # half the traffic of reading the [V, H] weight per block; the kernel still accumulates logits and
         # log-sum-exp in fp32. ``.to`` is differentiable, so the weight gradient flows back (in fp32) into
         # the master parameter, exactly like autocast's own casts of every Linear. Without autocast the
-        # casts are no-ops. The loss itself runs with autocast off so the torch (CPU) backend keeps its
-        # fp32 arithmetic instead of having its internal matmuls recast to bf16.
+        # casts are no-ops. (leafe_loss turns autocast off itself, so its torch backend keeps fp32 math.)
         loss_dtype = self.autocast_dtype or hidden.dtype
         hidden_c, weight_c = hidden.to(loss_dtype), head.weight.to(loss_dtype)
         bias_c = None if head.bias is None else head.bias.to(loss_dtype)
-        with torch.autocast(device_type, enabled=False):
-            out = leafe_loss(
-                hidden_c,
-                weight_c,
-                batch.rows,
-                batch.targets,
-                batch.weights,
-                batch.group,
-                lambdas=self.lambdas,
-                norms=norms,
-                bias=bias_c,
-                z_loss=self.z_loss,
-                reduction="sum",
-            )
+        out = leafe_loss(
+            hidden_c,
+            weight_c,
+            batch.rows,
+            batch.targets,
+            batch.weights,
+            batch.group,
+            lambdas=self.lambdas,
+            norms=norms,
+            bias=bias_c,
+            z_loss=self.z_loss,
+            reduction="sum",
+            check_ranges=self.check_ranges,
+        )
         if batch.rows.numel() == 0:
             # No targets: keep every parameter in the graph (zero gradient) so FSDP's reductions still run.
             out.loss = out.loss + 0.0 * (hidden.sum() + head.weight.sum())

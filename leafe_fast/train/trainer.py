@@ -162,7 +162,10 @@ class Trainer:
         bf16_compute = autocast_dtype(self.precision)
         # One process: autocast in the wrapper. FSDP2: its mixed-precision policy gathers bf16 copies of the
         # fp32 shards instead, so the wrapper must not autocast on top of it.
-        self.wrapper = LeafeCausalLM(model, cfg.lambdas, cfg.z_loss, autocast_dtype=None if use_fsdp else bf16_compute)
+        # Ranges are checked once per epoch on the host (_check_ranges), not by a device sync per micro-batch.
+        self.wrapper = LeafeCausalLM(model, cfg.lambdas, cfg.z_loss, autocast_dtype=None if use_fsdp else bf16_compute,
+                                     check_ranges=False)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.num_params = count_parameters(model)
         self.loss_scale = 1.0
         if use_fsdp:
@@ -222,7 +225,8 @@ class Trainer:
                 f"(ids {st.skipped[:10]}) and truncated {len(st.truncated)} (truncation={cfg.truncation!r}); "
                 "see Trainer.pack_stats", stacklevel=2)
         # the packer already shuffles the micro-batch order with the seed (deterministic: resumable)
-        mbs = list(packing.for_rank(self.dist.rank)) if self.dist.world_size > 1 else list(packing.micro_batches)
+        mbs = list(packing.for_rank(self.dist.rank))
+        self._check_ranges(mbs)
         self.epoch_batches = mbs
         self.epoch_loaded = epoch
         if self.dist.world_size > 1:
@@ -236,6 +240,18 @@ class Trainer:
                     "use pack_strategy='balanced'"
                 )
         return self.epoch_batches
+
+    def _check_ranges(self, mbs: Sequence[Any]) -> None:
+        """Token ids (targets are among them) inside the vocabulary and groups inside ``lambdas``, checked
+        on the host numpy arrays (the packer builds ``rows`` inside each micro-batch: no check needed)."""
+        for mb in mbs:
+            if len(mb.input_ids) and (mb.input_ids.min() < 0 or mb.input_ids.max() >= self.vocab_size):
+                raise ValueError(
+                    f"Trainer: samples contain token id {int(mb.input_ids.max())} but the model's vocabulary has "
+                    f"{self.vocab_size} entries (were the samples built with another tokenizer?)")
+            if len(mb.group) and (mb.group.min() < 0 or mb.group.max() >= self.num_groups):
+                raise ValueError(f"Trainer: a sample has group {int(mb.group.max())}, but lambdas has "
+                                 f"{self.num_groups} entries")
 
     def _next_chunk(self) -> list[Any]:
         mbs = self._micro_batches(self.epoch)
