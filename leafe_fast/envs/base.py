@@ -35,6 +35,12 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+GROUNDING_MODES = ("diagnosis", "oracle")
+"""``diagnosis``: which step went wrong and why, phrased like feedback an agent could derive (LEAFE's
+default). ``oracle``: may hand over an expert's answer (for example a solver's plan); an ablation,
+never reported as LEAFE."""
+
+
 @dataclass(frozen=True)
 class GroundedReflection:
     """A reflection computed from the environment's own knowledge, not by an LLM.
@@ -45,6 +51,7 @@ class GroundedReflection:
 
     rollback_step: int
     experience: str
+    mode: str = "diagnosis"  # which GROUNDING_MODES produced it; "oracle" marks an ablation
 
 
 @runtime_checkable
@@ -65,6 +72,9 @@ class Env(Protocol):
 
     def restore(self, snapshot: Any) -> None: ...
 
-    def ground_reflection(self, history: list[StepResult]) -> GroundedReflection | None:
+    def ground_reflection(
+        self, history: list[StepResult], mode: str = "diagnosis"
+    ) -> GroundedReflection | None:
         """Env-grounded reflection over the steps taken since reset (for policies too small to
-        reflect): where it went wrong and what to do instead, or None if nothing is known."""
+        reflect): where it went wrong and why (``mode="diagnosis"``), or with ``mode="oracle"`` also
+        the expert's answer; None if nothing is known. ``mode`` is one of ``GROUNDING_MODES``."""
