@@ -252,32 +252,23 @@ def _fresh_outputs(out: Path) -> None:
 def random_walk_samples(env: Any, chat: Any, tasks: list, walks_per_task: int, steps: int, seed: int) -> list:
     """Games of uniformly random moves, tokenized like exploration trajectories; every action token is
     a target. They teach the output format and nothing about solving levels."""
-    import numpy as np
-
     from leafe_fast.data.sample import Sample
-    from leafe_fast.explore.prompts import observation_message
+    from leafe_fast.trajectory import open_trajectory
 
     rng = random.Random(seed)
     out = []
     for task in tasks:
         for _ in range(walks_per_task):
-            first = env.reset(task)
-            messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": first}]
-            ids = list(chat.prompt_ids(messages))
-            mask = [False] * len(ids)
+            traj = open_trajectory(chat, env.instructions(), env.reset(task))
             for _ in range(steps):
                 action = chat.encode_action(f"Move {rng.choice(DIRECTIONS)}.")
                 step = env.step(chat.decode_action(action))
-                ids += chat.header_ids
-                mask += [False] * len(chat.header_ids)
-                ids += action
-                mask += [True] * len(action)
-                if step.done:
+                if step.done:  # the last observation predicts nothing: left out
+                    traj.add_step_ids(action, [], target=True)
                     break
-                obs = chat.observation_ids(action, observation_message(step))
-                ids += obs
-                mask += [False] * len(obs)
-            out.append(Sample(np.array(ids, np.int32), np.array(mask, bool), group=0))
+                traj.add_step(action, step, target=True)
+            ids, mask = traj.arrays(trim=False)
+            out.append(Sample(ids, mask, group=0))
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from leafe_fast.engines.base import GenerationRequest, SamplingParams
 from leafe_fast.envs.base import Task
+from leafe_fast.trajectory import Trajectory, open_trajectory
 
 
 def pass_at_k(n: Any, c: Any, k: Any) -> np.ndarray | float:
@@ -91,7 +92,7 @@ class TaskResult:
 class _Episode:
     task: Task
     index: int  # j-th episode of its task
-    ids: list[int]
+    traj: Trajectory  # the episode's tokens, built exactly as exploration builds them
     snapshot: Any
     steps: int = 0
     ret: float = 0.0
@@ -136,17 +137,16 @@ def evaluate(
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"evaluate: task ids must be unique (results are per task); repeated: {twice[:5]}")
-    ops = _ChatOps(chat)
     base = sampling or SamplingParams(temperature=1.0, max_new_tokens=64)
     if not base.stop_token_ids:
-        base = SamplingParams(**{**asdict(base), "stop_token_ids": tuple(ops.stop_ids)})
+        base = SamplingParams(**{**asdict(base), "stop_token_ids": tuple(chat.stop_ids)})
 
     episodes: list[_Episode] = []
     for t_index, task in enumerate(tasks):
         obs = env.reset(task)
-        ids = ops.prompt_ids(env.instructions(), obs)
+        prompt = open_trajectory(chat, env.instructions(), obs)
         snap = env.snapshot()
-        episodes += [_Episode(task, j, list(ids), snap) for j in range(n)]
+        episodes += [_Episode(task, j, prompt.copy(), snap) for j in range(n)]
 
     tokens = {"prompt": 0, "output": 0, "cached": 0}
     bar = _progress(len(episodes), progress)
@@ -166,8 +166,8 @@ def evaluate(
             bar.update(len(active))
             break
         if max_context_tokens is not None:
-            room = max_context_tokens - len(ops.header_ids) - base.max_new_tokens
-            for e in [e for e in active if len(e.ids) > room]:
+            room = max_context_tokens - len(chat.header_ids) - base.max_new_tokens
+            for e in [e for e in active if len(e.traj.ids) > room]:
                 e.done = True  # out of context: a failure, as a deployed model would fail
                 finished += 1
                 cut += 1
@@ -180,7 +180,7 @@ def evaluate(
         for e in active:
             ep_seed = _episode_seed(seed, e.task.task_id, e.index, turn)
             params = SamplingParams(**{**asdict(base), "seed": ep_seed, "n": 1})
-            requests.append(GenerationRequest(e.ids + ops.header_ids, params, f"{e.task.task_id}/{e.index}/{turn}"))
+            requests.append(GenerationRequest(e.traj.generation_prompt(), params, f"{e.task.task_id}/{e.index}/{turn}"))
         results = engine.generate(requests)
         if len(results) != len(requests):
             raise RuntimeError(f"evaluate: the engine returned {len(results)} results for {len(requests)} requests")
@@ -189,11 +189,11 @@ def evaluate(
             tokens["output"] += res.output_tokens
             tokens["cached"] += res.cached_tokens
             env.restore(e.snapshot)
-            step = env.step(ops.action_text(res))
+            step = env.step(chat.decode_action(res.output_ids))
             e.snapshot = env.snapshot()
             e.steps += 1
             e.ret += float(step.reward)
-            e.ids += ops.header_ids + list(res.output_ids) + ops.observation_ids(res.output_ids, step)
+            e.traj.add_step(list(res.output_ids), step)
             if step.done:
                 e.done, e.success = True, bool(step.success)
                 finished += 1
@@ -233,25 +233,3 @@ def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="eval episodes", unit="ep", disable=not enabled, leave=False)
-
-
-class _ChatOps:
-    """The few template operations an episode needs, on top of ``ChatFormat``; the messages are
-    the ones exploration writes (``leafe_fast.explore.prompts``), so evaluation sees what training saw."""
-
-    def __init__(self, chat: Any):
-        self.chat = chat
-        self.header_ids = list(chat.header_ids)
-        self.stop_ids = list(chat.stop_ids)
-
-    def prompt_ids(self, instructions: str, observation: str) -> list[int]:
-        messages = [{"role": "system", "content": instructions}, {"role": "user", "content": observation}]
-        return list(self.chat.prompt_ids(messages))
-
-    def observation_ids(self, action_ids: Sequence[int], step: Any) -> list[int]:
-        from leafe_fast.explore.prompts import observation_message
-
-        return list(self.chat.observation_ids(action_ids, observation_message(step)))
-
-    def action_text(self, result: Any) -> str:
-        return self.chat.decode_action(result.output_ids)

@@ -11,7 +11,7 @@ from test_explore_fakes import IM_START, FakeChat, LineEnv, Policy, dec, enc, is
 from leafe_fast.data.schema import TreeFormatError, read_trees
 from leafe_fast.engines.scripted import ScriptedEngine
 from leafe_fast.explore import ExploreConfig, explore
-from leafe_fast.explore.prompts import experience_message
+from leafe_fast.trajectory import experience_message
 from leafe_fast.explore.reflect import MalformedReflection, parse_reflection
 
 

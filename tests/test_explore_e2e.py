@@ -40,7 +40,7 @@ def test_tiny_hf_model_explores_sokoban_and_writes_valid_trees(tmp_path):
     from leafe_fast.data.chat import ChatFormat
     from leafe_fast.envs.registry import list_tasks
     from leafe_fast.explore import ExploreConfig, explore
-    from leafe_fast.explore.prompts import experience_message
+    from leafe_fast.trajectory import experience_message
     from leafe_fast.tiny import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer("qwen2")
@@ -135,7 +135,7 @@ def test_code_env_grounded_reflection_branches_to_a_fixed_program(tmp_path):
     from leafe_fast.engines.scripted import ScriptedEngine
     from leafe_fast.envs.base import Task
     from leafe_fast.explore import ExploreConfig, explore
-    from leafe_fast.explore.prompts import experience_message
+    from leafe_fast.trajectory import experience_message
     from leafe_fast.tiny import tiny_tokenizer
 
     record = json.loads(files("leafe_fast.envs").joinpath("problems/basic.jsonl").read_text().splitlines()[0])

@@ -54,10 +54,7 @@ def _startswith(ids: Sequence[int], prefix: Sequence[int]) -> bool:
 class ChatFormat:
     """Token deltas of one tokenizer's chat template (see the module docstring).
 
-    Layout of a trajectory (``leafe_fast.data.schema``)::
-
-        prompt_ids(first messages) + for each step:
-            [message_ids(experience)] + header_ids + action_ids + observation_ids(action_ids, obs)
+    The trajectory layout built from these deltas lives in ``leafe_fast.trajectory``.
     """
 
     header_ids: list[int]
@@ -154,26 +151,21 @@ class ChatFormat:
 
     def _self_check(self) -> None:
         """Build a longer conversation from deltas and compare with the whole rendering."""
-        msgs = list(self._base)
-        ids = self.prompt_ids(msgs)
-        steps = [
-            ("assistant", "First move: left."),
-            ("user", "Observation:\n# _ P\nfeedback none"),
-            ("user", "Experience: avoid corners."),
-            ("assistant", "Second move."),
-            ("user", "Done?"),
+        from leafe_fast.trajectory import Trajectory
+
+        traj = Trajectory(self.prompt_ids(self._base), self.header_ids)
+        first, second = self.encode_action("First move: left."), self.encode_action("Second move.")
+        traj.add_step_ids(first, self.observation_ids(first, "Observation:\n# _ P\nfeedback none"))
+        traj.add_step_ids(second, self.observation_ids(second, "Done?"),
+                          experience_ids=self.message_ids("Experience: avoid corners."))
+        ids = traj.ids
+        msgs = list(self._base) + [
+            {"role": "assistant", "content": "First move: left."},
+            {"role": "user", "content": "Observation:\n# _ P\nfeedback none"},
+            {"role": "user", "content": "Experience: avoid corners."},
+            {"role": "assistant", "content": "Second move."},
+            {"role": "user", "content": "Done?"},
         ]
-        last_action: list[int] | None = None
-        for role, content in steps:
-            if role == "assistant":
-                last_action = self.encode_action(content)
-                ids += self.header_ids + last_action
-            elif last_action is not None:
-                ids += self.observation_ids(last_action, content, role)
-                last_action = None
-            else:
-                ids += self.message_ids(content, role)
-            msgs.append({"role": role, "content": content})
         want = self._render(msgs)
         if ids != want:
             i = next((k for k, (a, b) in enumerate(zip(ids, want)) if a != b), min(len(ids), len(want)))

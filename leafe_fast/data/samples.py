@@ -26,6 +26,7 @@ import numpy as np
 
 from leafe_fast.data.sample import COUNTERFACTUAL, GROUP_NAMES, REHEARSAL, Sample
 from leafe_fast.data.schema import Node, Tree, read_trees
+from leafe_fast.trajectory import Trajectory
 
 Overflow = Literal["error", "drop", "truncate"]
 
@@ -196,33 +197,23 @@ def build_samples_with_stats(
 # --- the two kinds ------------------------------------------------------------------------------
 
 
-def _steps_tokens(tree: Tree, nodes: list[Node], *, supervise: list[bool]) -> tuple[list[int], list[bool]]:
-    """``prompt + Σ (header + action + observation)`` over ``nodes``, no experience; targets where
-    ``supervise`` says; everything after the last target is cut (it predicts nothing)."""
-    ids: list[int] = list(tree.prompt_ids)
-    mask: list[bool] = [False] * len(ids)
-    for node, sup in zip(nodes, supervise):
-        ids += tree.header_ids
-        mask += [False] * len(tree.header_ids)
-        ids += node.action_ids
-        mask += [sup] * len(node.action_ids)
-        ids += node.observation_ids
-        mask += [False] * len(node.observation_ids)
-    if mask and mask[0]:
+def _steps_tokens(tree: Tree, nodes: list[Node], *, supervise: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The trajectory of ``nodes`` without any experience, targets where ``supervise`` says, cut after
+    the last target (``leafe_fast.trajectory``: the layout exploration and evaluation use)."""
+    traj = Trajectory.from_nodes(tree.prompt_ids, tree.header_ids, nodes, supervise=supervise, with_experience=False)
+    try:
+        return traj.arrays()
+    except ValueError:
         raise ValueError(
             f"build_samples: tree {tree.task_id!r} has empty prompt_ids and header_ids, so the first "
             "action token has nothing to be predicted from"
-        )
-    end = len(mask)
-    while end and not mask[end - 1]:
-        end -= 1
-    return ids[:end], mask[:end]
+        ) from None
 
 
-def _make(tree: Tree, tree_id: int, ids: list[int], mask: list[bool], group: int, weight: float, **meta) -> Sample:
+def _make(tree: Tree, tree_id: int, ids: np.ndarray, mask: np.ndarray, group: int, weight: float, **meta) -> Sample:
     return Sample(
-        np.asarray(ids, dtype=np.int32),
-        np.asarray(mask, dtype=bool),
+        ids,
+        mask,
         group=group,
         weight=weight,
         tree_id=tree_id,

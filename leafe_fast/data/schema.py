@@ -8,7 +8,8 @@ One tree per task, one JSON object per line::
      "header_ids": [int],   # the assistant generation header (e.g. "<|im_start|>assistant\\n")
      "nodes": [Node], "success": bool, "stats": {...}, "meta": {...}}
 
-A node is one agent step. The tokens of the trajectory ending at node n are::
+A node is one agent step. The tokens of the trajectory ending at node n are (built by
+``leafe_fast.trajectory.Trajectory.from_nodes``, the one place that writes this layout)::
 
     prompt_ids + concat over the root path p of
         (p.experience_ids or []) + header_ids + p.action_ids + p.observation_ids
@@ -94,12 +95,10 @@ class Tree:
 
     def path_token_ids(self, node_id: int, *, with_experience: bool = True) -> list[int]:
         """Token ids of the trajectory ending at ``node_id`` (inclusive of its observation)."""
-        ids = list(self.prompt_ids)
-        for n in self.path(node_id):
-            if with_experience and n.experience_ids:
-                ids += n.experience_ids
-            ids += self.header_ids + n.action_ids + n.observation_ids
-        return ids
+        from leafe_fast.trajectory import Trajectory
+
+        path = self.path(node_id)
+        return Trajectory.from_nodes(self.prompt_ids, self.header_ids, path, with_experience=with_experience).ids
 
     # --- (de)serialisation -----------------------------------------------------------------
     def to_json(self) -> str:

@@ -1,12 +1,10 @@
-"""The texts the exploration loop adds to a conversation (besides the env's own observations).
+"""The reflection exchange's texts: the request for a reflection and the correction after a bad reply.
 
-Kept in one place because Stage 2 depends on their shape: the experience message is removed again for
-counterfactual samples, and the reflection exchange never enters a tree at all.
+The reflection exchange never enters a tree (only its outcome does); the messages that do enter
+trajectories (observation, experience) live in ``leafe_fast.trajectory``.
 """
 
 from __future__ import annotations
-
-from leafe_fast.envs.base import StepResult
 
 TRIGGER_TEXT = {
     "periodic": "Pause and check your progress so far.",
@@ -14,22 +12,6 @@ TRIGGER_TEXT = {
     "depth": "This attempt ran out of steps without finishing the task.",
     "success": "This attempt succeeded, but a better one may exist.",
 }
-
-
-def observation_message(result: StepResult) -> str:
-    """The user message after an action: the env's observation, then its diagnostic feedback."""
-    text = result.observation
-    if result.feedback and result.feedback not in text:
-        text = f"{text}\n\nFeedback: {result.feedback}" if text else f"Feedback: {result.feedback}"
-    return text
-
-
-def experience_message(experience: str) -> str:
-    """The message inserted at a rollback point, right before the branch's first action."""
-    return (
-        "Experience from an earlier attempt that went wrong from this point on: "
-        f"{experience.strip()}\nUse it for your next action."
-    )
 
 
 def reflection_request(n_steps: int, trigger: str) -> str:

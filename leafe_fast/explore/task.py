@@ -4,10 +4,11 @@
 the matching ``GenerationResult``, and returns the finished ``Tree``. The scheduler (``loop.py``)
 runs many of these side by side and batches their requests; this file holds the per-task logic.
 
-The token invariant this code keeps: ``ids`` is always the token sequence of the current path
-(``Tree.path_token_ids`` of its last node). An action request is ``ids + [experience_ids] +
-header_ids``; a branch truncates ``ids`` to the end of the kept steps and appends the experience
-message there, so a branch prompt is exactly its parent's prefix plus new tokens.
+The token invariant this code keeps: ``traj`` (a ``leafe_fast.trajectory.Trajectory``) is always the
+token sequence of the current path (``Tree.path_token_ids`` of its last node). An action request is
+``traj.generation_prompt(experience)``; a branch rolls ``traj`` back to the end of the kept steps and
+the experience message goes right there, so a branch prompt is exactly its parent's prefix plus new
+tokens.
 
 Rollback restores the env snapshot taken after the kept steps (one snapshot per node of the
 current path, plus one after reset); snapshots of abandoned paths are dropped.
@@ -33,8 +34,8 @@ from leafe_fast.data.schema import Node, Tree
 from leafe_fast.engines.base import GenerationRequest, GenerationResult, SamplingParams
 from leafe_fast.envs.base import StepResult, Task
 from leafe_fast.explore.config import ExploreConfig
-from leafe_fast.explore.prompts import experience_message, observation_message
 from leafe_fast.explore.reflection import Reflection, ReflectGen, ReflectionContext, Reflector
+from leafe_fast.trajectory import experience_ids, open_trajectory
 
 TaskGen = Generator[GenerationRequest, GenerationResult, Tree]
 
@@ -125,9 +126,8 @@ class TaskExplorer:
     def run(self) -> TaskGen:
         cfg, chat, env = self.config, self.chat, self.env
         first = env.reset(self.task)
-        messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": first}]
-        prompt_ids = list(chat.prompt_ids(messages))
-        header = list(chat.header_ids)
+        traj = open_trajectory(chat, env.instructions(), first)
+        prompt_ids, header = list(traj.prompt_ids), list(traj.header_ids)
         stop_ids = tuple(chat.stop_ids)
         tree = Tree(
             task_id=self.task.task_id,
@@ -139,8 +139,6 @@ class TaskExplorer:
         snapshots: dict[int, Any] = {-1: env.snapshot()}
         results: dict[int, StepResult] = {}
         path: list[int] = []  # node ids of the current trajectory
-        ends: list[int] = []  # len(ids) after each path node
-        ids = list(prompt_ids)  # tokens of the current trajectory
         experience: tuple[str, list[int]] | None = None  # to insert before the next action
         rollback_from: int | None = None
         branch, branch_steps = 0, 0
@@ -150,7 +148,7 @@ class TaskExplorer:
             if self.stats["steps"] >= cfg.max_steps:
                 stop_reason = "max_steps"
                 break
-            prompt = ids + (experience[1] if experience else []) + header
+            prompt = traj.generation_prompt(experience[1] if experience else None)
             room = self.tokens_left()
             if cfg.max_context_tokens is not None:
                 room = min(room, cfg.max_context_tokens - len(prompt))
@@ -171,12 +169,13 @@ class TaskExplorer:
             action_ids = list(result.output_ids)
             action = chat.decode_action(action_ids)
             step = env.step(action)
+            obs_ids = traj.add_step(action_ids, step, experience_ids=experience[1] if experience else None)
             node = Node(
                 id=len(tree.nodes),
                 parent=path[-1] if path else -1,
                 step=len(path),
                 action_ids=action_ids,
-                observation_ids=list(chat.observation_ids(action_ids, observation_message(step))),
+                observation_ids=obs_ids,
                 action=action,
                 observation=step.observation,
                 reward=float(step.reward),
@@ -188,12 +187,9 @@ class TaskExplorer:
             if experience is not None:
                 node.experience, node.experience_ids = experience[0], list(experience[1])
                 node.rollback_from = rollback_from
-                ids += experience[1]
                 experience = None
             tree.nodes.append(node)
-            ids += header + action_ids + node.observation_ids
             path.append(node.id)
-            ends.append(len(ids))
             snapshots[node.id] = env.snapshot()
             results[node.id] = step
             self.stats["steps"] += 1
@@ -216,7 +212,7 @@ class TaskExplorer:
 
             ctx = ReflectionContext(
                 task_id=self.task.task_id,
-                trajectory_ids=list(ids),
+                trajectory_ids=list(traj.ids),
                 n_steps=len(path),
                 trigger=trigger,
                 history=[results[i] for i in path],
@@ -238,13 +234,12 @@ class TaskExplorer:
             k = reflection.rollback_step
             rollback_from = path[-1]
             del path[k:]
-            del ends[k:]
-            del ids[(ends[-1] if ends else len(prompt_ids)):]
+            traj.rollback(k)
             env.restore(snapshots[path[-1] if path else -1])
             keep = set(path) | {-1}
             snapshots = {i: s for i, s in snapshots.items() if i in keep}
             results = {i: r for i, r in results.items() if i in keep}
-            experience = (reflection.experience, list(chat.message_ids(experience_message(reflection.experience))))
+            experience = (reflection.experience, experience_ids(chat, reflection.experience))
             branch += 1
             branch_steps = 0
             self.stats["branches"] += 1
