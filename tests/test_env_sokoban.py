@@ -340,7 +340,7 @@ def test_ground_reflection_rolls_back_before_a_scripted_deadlock():
     env, _ = _env(picture)
     history = [env.step(a) for a in ["right", "hop!", "left", "up", "left", "left"]]
     assert history[3].info["deadlock"]["kind"] == "dead_square"
-    reflection = env.ground_reflection(history)
+    reflection = env.ground_reflection(history, mode="oracle")
     assert reflection is not None and reflection.rollback_step == 3
     assert "Step 4 (up)" in reflection.experience and "Deadlock" in reflection.experience
     # The suggested alternative works: replay the kept steps, then follow the plan.
@@ -367,7 +367,7 @@ def test_ground_reflection_plans_are_executable_from_the_rollback_point():
         env.reset(task)
         actions = [rng.choice(DIRECTIONS) for _ in range(25)]
         history = [env.step(a) for a in actions]
-        reflection = env.ground_reflection(history)
+        reflection = env.ground_reflection(history, mode="oracle")
         if reflection is None:
             continue
         checked += 1
@@ -384,7 +384,7 @@ def test_ground_reflection_finds_unsolvable_states_the_heuristics_miss():
     env, _ = _env(picture)
     history = [env.step(a) for a in ["down", "up", "left", "right"]]
     assert history[2].info["pushed"] and history[2].info["deadlock"] is None
-    reflection = env.ground_reflection(history)
+    reflection = env.ground_reflection(history, mode="oracle")
     assert reflection.rollback_step == 2 and "Step 3 (left)" in reflection.experience
     assert "no sequence of moves can solve" in reflection.experience
 
@@ -396,7 +396,7 @@ def test_ground_reflection_on_stalled_or_running_episodes():
     assert env.ground_reflection(running) is None  # no deadlock, not over: nothing to say
     stalled = running + [env.step(a) for a in ["left", "right", "left", "left"]]
     assert stalled[-1].done and not stalled[-1].success
-    reflection = env.ground_reflection(stalled)
+    reflection = env.ground_reflection(stalled, mode="oracle")
     assert reflection.rollback_step == 2 and "do 'right' next" in reflection.experience
     assert "plan: right)" in reflection.experience  # the walk is for the player's own cell
     rollback_state = _replay(CORRIDOR, ["right", "right"])
@@ -404,3 +404,149 @@ def test_ground_reflection_on_stalled_or_running_episodes():
     env.reset(_task(CORRIDOR))
     solved = [env.step("right") for _ in range(3)]
     assert env.ground_reflection(solved) is None
+
+
+# ----------------------------------------------------------------------------- issue 11/12 additions
+
+
+def test_every_step_flags_invalid_and_noop_moves():
+    picture = "#####\n#P_X_O\n#####"
+    env, _ = _env("######\n#P_XO#\n#_####\n######")
+    cases = [("up", True, True), ("hop!", True, True), ("right", False, False), ("right", False, False)]
+    for action, invalid, noop in cases:
+        r = env.step(action)
+        assert r.info["invalid"] is invalid and r.info["noop"] is noop, (action, r.info)
+    env, _ = _env("######\n#PXX_#\n#_O_O#\n######")
+    r = env.step("right")  # box against a box: a bump, nothing changes
+    assert r.info["invalid"] is True and r.info["noop"] is True and not r.info["pushed"]
+    env, _ = _env(picture.replace("#P", "#P"))
+    r = env.step("down")  # walks into the wall row
+    assert isinstance(r.info["invalid"], bool) and isinstance(r.info["noop"], bool)
+
+
+def test_diagnosis_names_the_step_box_and_reason_without_the_plan():
+    picture = "#######\n#_____#\n#_X___#\n#_P__O#\n#######"
+    env, _ = _env(picture)
+    history = [env.step(a) for a in ["right", "hop!", "left", "up", "left", "left"]]
+    g = env.ground_reflection(history)
+    assert g.mode == "diagnosis" and g.rollback_step == 3
+    text = g.experience
+    assert text.startswith("Step 4 (<action>up</action>) pushed a box to (row 1, col 2)")
+    assert "against a wall with no target" in text and text.endswith("Avoid: <action>up</action>.")
+    for leak in ("next", "plan", "push", "Go back"):
+        if leak == "push":
+            continue  # "pushed a box" describes the mistake
+        assert leak not in text
+    oracle = env.ground_reflection(history, mode="oracle")
+    assert oracle.mode == "oracle" and oracle.rollback_step == 3 and "next" in oracle.experience
+    with pytest.raises(ValueError, match="unknown mode"):
+        env.ground_reflection(history, mode="plan")
+
+
+def test_compact_diagnosis_uses_letters_and_the_shown_board_coordinates():
+    picture = "#######\n#_____#\n#_X___#\n#_P__O#\n#######"
+    env = SokobanEnv(prompt="compact")
+    env.reset(_task(picture))
+    history = [env.step(a) for a in "rlul"]
+    g = env.ground_reflection(history)
+    assert g.rollback_step == 2 and g.experience.startswith("Step 3 (u) pushed a box to (row 0, col 1)")
+    assert g.experience.endswith("Avoid: u.")
+
+
+def test_the_avoided_move_really_loses_the_level_on_random_hard_levels():
+    rng = random.Random(11)
+    seen = {"deadlock": 0, "stall": 0}
+    for task in sokoban_tasks("train", 12, seed=5, difficulty="hard"):
+        env = SokobanEnv(prompt="compact")
+        env.reset(task)
+        actions = [rng.choice("udlr") for _ in range(40)]
+        history = [env.step(a) for a in actions]
+        if history[-1].success:
+            continue
+        g = env.ground_reflection(history)
+        assert g is not None and g.mode == "diagnosis" and "next" not in g.experience
+        replay = _replay(task.spec["level"], actions[: g.rollback_step])
+        snap = replay.snapshot()
+        assert solve(snap.level, (snap.player, snap.boxes)) is not None  # the rollback state is solvable
+        if g.experience.startswith("Step"):
+            seen["deadlock"] += 1
+            assert g.experience.endswith(f"Avoid: {actions[g.rollback_step]}.")
+            replay.step(actions[g.rollback_step])
+            after = replay.snapshot()
+            assert solve(after.level, (after.player, after.boxes)) is None  # that move lost the level
+        else:
+            seen["stall"] += 1
+            assert g.experience.startswith(("Stalled", "Too slow"))
+    assert seen["deadlock"] >= 2 and seen["stall"] >= 1, seen
+
+
+def test_stall_diagnosis_for_running_episodes_cut_by_a_depth_limit():
+    env = SokobanEnv(stall_window=4)
+    env.reset(_task(CORRIDOR, max_steps=50))
+    running = [env.step(a) for a in ["right", "up", "up", "down"]]
+    assert env.ground_reflection(running) is None  # best state only 3 steps old: still in progress
+    running.append(env.step("up"))
+    g = env.ground_reflection(running)  # 4 steps without progress: stalled
+    assert g.rollback_step == 1 and g.experience.startswith("Stalled: no progress after step 1")
+    assert "4 of the 5 steps changed nothing" in g.experience and g.experience.endswith("Avoid: <action>up</action>.")
+    env.reset(_task(CORRIDOR, max_steps=4))
+    ended = [env.step(a) for a in ["up", "right", "right", "left"]]
+    g = env.ground_reflection(ended)  # ended by the step limit: progress up to step 3, then a step back
+    assert ended[-1].done and g.rollback_step == 3 and g.experience.endswith("Avoid: <action>left</action>.")
+    env.reset(_task(CORRIDOR, max_steps=3))
+    slow = [env.step(a) for a in ["up", "right", "right"]]
+    g = env.ground_reflection(slow)  # progressed to the end: back to the first wasted move
+    assert g.rollback_step == 0 and g.experience.startswith("Too slow") and "first at step 1" in g.experience
+
+
+def test_compact_prompt_is_short_and_parses_letters():
+    from leafe_fast.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("qwen2")
+    task = sokoban_tasks("test", 1, difficulty="hard")[0]
+    full, compact = SokobanEnv(), SokobanEnv(prompt="compact")
+    obs_full, obs_compact = full.reset(task), compact.reset(task)
+    assert obs_compact.split("\n") == [row[1:-1] for row in obs_full.split("\n")[1:-1]]
+    assert len(tok.encode(compact.instructions())) < len(tok.encode(full.instructions())) / 3
+    assert [compact.action_text(d) for d in DIRECTIONS] == ["u", "d", "l", "r"]
+    assert all(len(tok.encode(compact.action_text(d))) == 1 for d in DIRECTIONS)
+    assert full.action_text("up") == "<action>up</action>"
+    for d in DIRECTIONS:
+        a, b = full.snapshot(), compact.snapshot()
+        assert full.step(full.action_text(d)).info["action"] == compact.step(compact.action_text(d)).info["action"] == d
+        full.restore(a), compact.restore(b)
+    r = compact.step("x")
+    assert r.feedback == "Invalid: reply u, d, l or r." and r.info["invalid"]
+    with pytest.raises(ValueError, match="prompt"):
+        SokobanEnv(prompt="short")
+    # a hand-written board whose border has floor keeps its border
+    open_board = SokobanEnv(prompt="compact")
+    assert open_board.reset(_task("P_XO")) == "P_XO"
+
+
+def test_difficulty_splits_and_overrides():
+    hard = sokoban_tasks("test", 8, seed=1, difficulty="hard")
+    assert all(t.spec["height"] == 7 and t.spec["num_boxes"] == 2 and 4 <= t.spec["optimal_pushes"] <= 8
+               and t.spec["max_steps"] == 40 and t.spec["difficulty"] == "hard" for t in hard)
+    easy = sokoban_tasks("test", 8, seed=1, difficulty="easy")
+    assert {t.task_id for t in easy}.isdisjoint(t.task_id for t in hard)
+    assert [t.spec["level"] for t in easy] == [t.spec["level"] for t in sokoban_tasks("test", 8, seed=1)]
+    override = sokoban_tasks("test", 2, seed=1, difficulty="hard", max_steps=60)
+    assert all(t.spec["max_steps"] == 60 for t in override)
+    with pytest.raises(ValueError, match="difficulty"):
+        sokoban_tasks("test", 1, difficulty="insane")
+
+
+def test_hard_split_leaves_headroom_for_a_random_walk():
+    rng = random.Random(0)
+    env = SokobanEnv(prompt="compact")
+    wins = runs = 0
+    for task in sokoban_tasks("val", 30, seed=2, difficulty="hard"):
+        for _ in range(4):
+            env.reset(task)
+            r = env.step(rng.choice("udlr"))
+            while not r.done:
+                r = env.step(rng.choice("udlr"))
+            wins += r.success
+            runs += 1
+    assert wins / runs < 0.15  # measured about 0.05 on 200 x 16 (benchmarks/repro_sokoban.py)
