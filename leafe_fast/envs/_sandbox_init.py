@@ -6,19 +6,28 @@ site-packages. ``HOSTDIR`` holds ``config.json`` (written by the parent), the jo
 receives the job outputs and ``status.json``.
 
 Isolation ``namespaces`` (needs root): the launcher enters new mount, network, PID, IPC and UTS
-namespaces, builds a minimal read-only root (system directories, the interpreter's prefix, and a
-size-limited tmpfs as ``/tmp`` seeded with the work directory's files) and pivots into it. It then
-forks the PID namespace's init, which runs each job as a fresh unprivileged uid (``uid_base +
-launcher pid``: unique among live sandboxes, so ``RLIMIT_NPROC``, counted per uid, is this
-sandbox's alone). After each job init kills everything left in the namespace; when init exits the
-kernel kills whatever remains. If the launcher dies, init follows it (``PR_SET_PDEATHSIG``).
+namespaces, sets the IPC namespace's quotas to zero (no System V shared memory, message queues or
+semaphores, no POSIX message queues: kernel-held memory no process limit would count), builds a
+minimal read-only root (system directories, the interpreter's prefix, and a size-limited tmpfs as
+``/tmp`` seeded with the work directory's files; every mount ``nosuid,nodev`` but the device nodes)
+and pivots into it. It then forks the PID namespace's init, which runs each job as a fresh
+unprivileged uid (``uid_base + launcher pid``: unique among live sandboxes) inside a user namespace
+of its own (so keyrings and other per-user kernel state are the job's and die with it), with
+``PR_SET_NO_NEW_PRIVS`` (setuid and file-capability binaries gain nothing) and a seccomp filter
+(:func:`seccomp_filter`). After each job init kills everything left in the namespace and reaps it;
+when init exits the kernel kills whatever remains. If the launcher dies, init follows it
+(``PR_SET_PDEATHSIG``).
+
+Every level: stdout and stderr are pipes that the launcher reads with a cap (an over-long output is
+killed), so nothing the job does to its output touches the host's disk; the CPU time that decides
+the verdict is that of the job's whole process tree, reaped or not (see :func:`_supervise`).
 
 Isolation ``userns`` (unprivileged): the same, entered as root of a new user namespace that maps
 the invoking user; each job runs as uid 1000 of its own nested user namespace.
 
-Isolation ``rlimits`` (fallback): only resource limits, a new session per job, and the
-Python-level network guard of the job's bootstrap. See the module docstring of ``sandbox.py`` for
-what does and does not hold at each level.
+Isolation ``rlimits`` (fallback): only resource limits, a new session per job, no-new-privileges
+and the seccomp filter, and the Python-level network guard of the job's bootstrap. See the module
+docstring of ``sandbox.py`` for what does and does not hold at each level.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ MNT_DETACH = 2
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}  # syscall numbers
 JOB_UID = 1000  # the job's uid inside its own user namespace (userns isolation)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -77,6 +87,150 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 def _prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), "prctl")
+
+
+# -- seccomp -----------------------------------------------------------------------------------
+# A hand-written classic-BPF filter (no libseccomp needed), x86_64 only: syscall numbers differ per
+# architecture and only this one is tested; elsewhere jobs run without it (status says so).
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+_EPERM, _ENOSYS = 1, 38
+# Syscalls a judged program never needs: kernel keyrings (state that outlives processes), tracing
+# and other processes' memory, mounts and namespaces (a nested user namespace could mount a tmpfs
+# outside every limit), kernel modules, kexec, BPF, perf, io_uring and userfaultfd (large attack
+# surface), memfd_create (shmem no limit counts: fallocate with KEEP_SIZE ignores RLIMIT_FSIZE),
+# accounting, swap, reboot, quotas, file handles.
+BLOCKED_SYSCALLS_X86_64 = {
+    "ptrace": 101, "syslog": 103, "uselib": 134, "vhangup": 153, "pivot_root": 155, "chroot": 161,
+    "acct": 163, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
+    "iopl": 172, "ioperm": 173, "init_module": 175, "delete_module": 176, "quotactl": 179,
+    "lookup_dcookie": 212, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
+    "unshare": 272, "perf_event_open": 298, "fanotify_init": 300, "name_to_handle_at": 303,
+    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
+    "kcmp": 312, "finit_module": 313, "memfd_create": 319, "kexec_file_load": 320, "bpf": 321,
+    "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+    "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442, "quotactl_fd": 443, "memfd_secret": 447,
+}
+_NR_CLONE, _NR_CLONE3, _NR_RT_SIGACTION = 56, 435, 13
+# clone() flags that create namespaces (CLONE_NEWTIME is 0x80, which clone() reads as exit signal).
+CLONE_NEW_MASK = 0x7E020000
+_X32_BIT = 0x40000000
+
+
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+
+
+def _assemble(lines: list[tuple]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF from ``(code, k, jt_label, jf_label)`` rows and ``("label", name)`` rows; a jump
+    label of None means "the next instruction". Jumps go forward only, at most 255 apart."""
+    positions, n = {}, 0
+    for row in lines:
+        if row[0] == "label":
+            positions[row[1]] = n
+        else:
+            n += 1
+    prog, at = [], 0
+    for row in lines:
+        if row[0] == "label":
+            continue
+        code, k, jt, jf = (tuple(row) + (None, None))[:4]
+        offsets = [0 if label is None else positions[label] - at - 1 for label in (jt, jf)]
+        if not all(0 <= o < 256 for o in offsets):
+            raise ValueError(f"seccomp filter: jump out of range at instruction {at}")
+        prog.append((code, offsets[0], offsets[1], k))
+        at += 1
+    return prog
+
+
+def seccomp_filter() -> list[tuple[int, int, int, int]]:
+    """The job's filter as (code, jt, jf, k) instructions. Blocked: the syscalls above (EPERM),
+    ``clone`` with namespace flags (EPERM), ``clone3`` (ENOSYS, so libc falls back to ``clone``,
+    whose flags a filter can read), x32 syscalls (EPERM) and foreign-architecture ones (kill), and
+    setting any action for SIGCHLD (``rt_sigaction(SIGCHLD, act != NULL)``, EPERM): ignoring
+    SIGCHLD makes the kernel reap children without adding their CPU time to any parent, the one way
+    a process tree could hide CPU time from its init. Reading the current action stays allowed."""
+    deny, nosys = SECCOMP_RET_ERRNO | _EPERM, SECCOMP_RET_ERRNO | _ENOSYS
+    lines: list[tuple] = [
+        (_LD_W_ABS, 4),  # seccomp_data.arch
+        (_JEQ_K, AUDIT_ARCH_X86_64, "native", None),
+        (_RET_K, SECCOMP_RET_KILL_PROCESS),
+        ("label", "native"),
+        (_LD_W_ABS, 0),  # seccomp_data.nr
+        (_JGE_K, _X32_BIT, "deny", None),
+    ]
+    lines += [(_JEQ_K, nr, "deny", None) for nr in sorted(BLOCKED_SYSCALLS_X86_64.values())]
+    lines += [
+        (_JEQ_K, _NR_CLONE3, "nosys", None),
+        (_JEQ_K, _NR_CLONE, "clone", None),
+        (_JEQ_K, _NR_RT_SIGACTION, "sigaction", None),
+        ("label", "allow"),
+        (_RET_K, SECCOMP_RET_ALLOW),
+        ("label", "clone"),
+        (_LD_W_ABS, 16),  # args[0], low word: the flags
+        (_JSET_K, CLONE_NEW_MASK, "deny", "allow2"),
+        ("label", "sigaction"),
+        (_LD_W_ABS, 16),  # args[0]: the signal number
+        (_JEQ_K, int(signal.SIGCHLD), None, "allow2"),
+        (_LD_W_ABS, 24),  # args[1], low word: act
+        (_JSET_K, 0xFFFFFFFF, "deny", None),
+        (_LD_W_ABS, 28),  # args[1], high word
+        (_JSET_K, 0xFFFFFFFF, "deny", None),
+        ("label", "allow2"),
+        (_RET_K, SECCOMP_RET_ALLOW),
+        ("label", "deny"),
+        (_RET_K, deny),
+        ("label", "nosys"),
+        (_RET_K, nosys),
+    ]
+    return _assemble(lines)
+
+
+def seccomp_supported() -> bool:
+    """Whether :func:`install_seccomp` applies here (x86_64 Linux)."""
+    return sys.platform == "linux" and os.uname().machine == "x86_64"
+
+
+def install_seccomp() -> None:
+    """Install :func:`seccomp_filter` on this thread (needs no-new-privileges set first)."""
+    prog = seccomp_filter()
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    array = (SockFilter * len(prog))(*[SockFilter(c, jt, jf, k) for c, jt, jf, k in prog])
+    fprog = SockFprog(len(prog), array)
+    _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0), "seccomp")
+
+
+# -- IPC quotas ----------------------------------------------------------------------------------
+# Per-IPC-namespace sysctls, written right after unsharing the IPC namespace: no System V shared
+# memory, message queues or semaphores, no POSIX message queues. Their memory is held by the kernel,
+# charged to no process, so no rlimit bounds it; a zero quota does.
+IPC_QUOTAS = (
+    ("kernel/shm_rmid_forced", "1"),
+    ("kernel/shmmni", "0"),
+    ("kernel/shmall", "0"),
+    ("kernel/shmmax", "0"),
+    ("kernel/msgmni", "0"),
+    ("kernel/msgmnb", "0"),
+    ("kernel/sem", "0 0 0 0"),
+    ("fs/mqueue/queues_max", "0"),
+)
+
+
+def _set_ipc_quotas() -> None:
+    for name, value in IPC_QUOTAS:
+        with open(f"/proc/sys/{name}", "w") as f:
+            f.write(value)
 
 
 def _mount_points() -> list[tuple[str, set[str]]]:
@@ -154,10 +308,17 @@ def _build_root(
         path = os.path.abspath(path)
         if _within(path, bound) and os.path.isdir(path):
             _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0555,size=4k")
+    devices = {f"{root}/dev/{name}" for name in DEVICES}
+    targets = []
     for target, opts in _mount_points():
-        if not _within(target, [root]) or target == root + "/tmp":
+        if not _within(target, [root]):
             continue
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        targets.append(target)
+        if target == root + "/tmp":
+            continue
+        # nosuid everywhere (setuid and file-capability binaries gain nothing), nodev everywhere
+        # but on the device nodes themselves.
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if target in devices else MS_NODEV)
         for name in opts & _KEEP_FLAGS.keys():
             flags |= _KEEP_FLAGS[name]
         try:
@@ -166,10 +327,14 @@ def _build_root(
             # A mount hidden under another one (stacked mounts) cannot be addressed by path;
             # the one on top is what the program sees, and it was remounted.
             pass
-    # Verify instead of trusting.
+    # Verify instead of trusting: what the program sees at each mount point.
     for path in [root] + [root + p for p in bound]:
         if not _is_readonly(path):
             raise OSError(f"sandbox: could not make {path} read-only")
+    for path in targets:
+        flags = os.statvfs(path).f_flag
+        if not flags & os.ST_NOSUID or (path not in devices and not flags & os.ST_NODEV):
+            raise OSError(f"sandbox: could not make {path} nosuid,nodev")
 
 
 def _enter_root(root: str) -> None:
@@ -198,6 +363,7 @@ def _set_limits(limits: dict, nproc: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_output_bytes"], limits["max_output_bytes"]))
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"], limits["max_open_files"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))  # POSIX message queues hold kernel memory
     if nproc is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
@@ -214,6 +380,7 @@ def _user_process_count(uid: int) -> int:
     return count
 
 
+
 def _map_ids(uid_line: str, gid_line: str) -> None:
     """Write this process's uid and gid maps (one line each) right after unsharing a user
     namespace; setgroups must be denied first for an unprivileged writer."""
@@ -222,17 +389,37 @@ def _map_ids(uid_line: str, gid_line: str) -> None:
             f.write(text)
 
 
-def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namespace: bool, err_w: int) -> None:
-    """In the forked child: wire stdio, drop privileges, limit, exec. Never returns."""
+
+
+def _own_user_namespace(uid: int) -> None:
+    """Enter a user namespace of this job's own, as the same uid (so ``getuid()`` is unchanged):
+    keyrings and other per-user kernel state then belong to this namespace and die with the job,
+    whatever uid a later run gets. It may create no nested user namespace."""
+    _prctl(PR_SET_DUMPABLE, 1)  # setuid cleared it; its /proc files must be its own to write the maps
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare user namespace")
+    _map_ids(f"{uid} {uid} 1", f"{uid} {uid} 1")
+    try:  # defence in depth: the seccomp filter refuses namespaces already
+        with open("/proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+
+
+# Signals a Python launcher ignores and exec would pass on ignored; the job gets the defaults.
+_RESET_SIGNALS = ("SIGPIPE", "SIGXFSZ", "SIGCHLD", "SIGINT", "SIGQUIT", "SIGTERM", "SIGHUP")
+
+
+def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namespace: bool,
+              err_w: int, out_w: int, errpipe_w: int) -> None:
+    """In the forked child: wire stdio (stdin from its file, stdout and stderr to the launcher's
+    pipes), drop privileges, limit, exec. Never returns."""
     try:
-        fds = [
-            os.open(job["stdin"], os.O_RDONLY, dir_fd=host_fd),
-            os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=host_fd),
-            os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=host_fd),
-        ]
-        for target, fd in enumerate(fds):
+        stdin = os.open(job["stdin"], os.O_RDONLY, dir_fd=host_fd)
+        for target, fd in enumerate((stdin, out_w, errpipe_w)):
             os.dup2(fd, target)
-            os.close(fd)
+        for fd in {stdin, out_w, errpipe_w}:
+            if fd > 2:
+                os.close(fd)
         os.umask(0o077)
         os.chdir(cfg["cwd"])  # before dropping privileges: the path may not be traversable
         limits = cfg["limits"]
@@ -243,16 +430,26 @@ def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namesp
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+            if in_pid_namespace:
+                _own_user_namespace(uid)
         elif cfg["isolation"] == "userns":
             # A nested user namespace where the job is uid 1000: exec drops every capability, and
             # the mounts above are locked. Since Linux 5.14 RLIMIT_NPROC is counted per user
             # namespace, so the limit is this job's own.
+            # The count one level up also holds the launcher and init: the new namespace's limit
+            # there is the RLIMIT_NPROC at its creation, so allow those two, then set the job's.
+            _set_limits(limits, limits["max_processes"] + 2)
             _check(_libc.unshare(CLONE_NEWUSER), "unshare user namespace")
             _map_ids(f"{JOB_UID} 0 1", f"{JOB_UID} 0 1")
             _set_limits(limits, limits["max_processes"])
         else:  # unprivileged fallback: the count is per user, so allow the current count plus the limit
             _set_limits(limits, _user_process_count(os.getuid()) + limits["max_processes"])
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # last: a credential change clears it
+        for name in _RESET_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid and file-capability binaries run unprivileged
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the credential changes, which clear it
+        if cfg.get("seccomp"):
+            install_seccomp()  # last: it refuses the unshare above
         os.execve(job["argv"][0], job["argv"], job["env"])
     except BaseException as e:  # report through the close-on-exec pipe, then die
         try:
@@ -261,31 +458,140 @@ def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namesp
             os._exit(127)
 
 
-def _wait(pid: int, wall: float) -> tuple[int, resource.struct_rusage, bool]:
-    """Wait for ``pid`` at most ``wall`` seconds; kill it on timeout. Returns (status, rusage, timed_out)."""
-    deadline = time.monotonic() + wall
-    timed_out = False
+_CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_SAMPLE_SECONDS = 0.05  # how often the tree's CPU time is checked while a job runs
+STDERR_KEEP = 16384  # bytes of stderr kept (its end: where tracebacks are)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _live_tree_cpu(in_pid_namespace: bool, uid: int | None) -> float:
+    """CPU seconds of the job's processes alive now (zombies included), each with the children it
+    has reaped: in a PID namespace every process but init (pid 1); otherwise the job uid's."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or (in_pid_namespace and name == "1"):
+            continue
+        try:
+            if not in_pid_namespace and os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / _CLOCK_TICK
+
+
+class _Capture:
+    """Reads a job's stdout (the first ``cap`` bytes, noting more) and stderr (its last bytes)."""
+
+    def __init__(self, out_r: int, err_r: int, cap: int) -> None:
+        self.fds = {out_r: bytearray(), err_r: bytearray()}
+        self.out_r, self.cap, self.overflow = out_r, cap, False
+        for fd in self.fds:
+            os.set_blocking(fd, False)
+
+    def read(self, fd: int) -> bool:
+        """Read what is there; False at end of file."""
+        buf = self.fds[fd]
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            if fd == self.out_r:
+                room = self.cap + 1 - len(buf)
+                if room > 0:
+                    buf += data[:room]
+                if len(buf) > self.cap:
+                    self.overflow = True
+            else:
+                buf += data
+                if len(buf) > 2 * STDERR_KEEP:
+                    del buf[:-STDERR_KEEP]
+
+    def drain(self, seconds: float) -> None:
+        """Read until every writer is gone, or for at most ``seconds`` (an escaped process of the
+        unprivileged fallback may hold a pipe open)."""
+        deadline = time.monotonic() + seconds
+        open_fds = set(self.fds)
+        poller = select.poll()
+        for fd in open_fds:
+            poller.register(fd, select.POLLIN)
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd in open_fds and not self.read(fd):
+                    open_fds.discard(fd)
+                    poller.unregister(fd)
+
+    def close(self) -> tuple[bytes, bytes]:
+        for fd in self.fds:
+            os.close(fd)
+        out, err = self.fds[self.out_r], self.fds[[fd for fd in self.fds if fd != self.out_r][0]]
+        return bytes(out[: self.cap + 1]), bytes(err[-STDERR_KEEP:])
+
+
+def _supervise(pid: int, wall: float, cpu_limit: float, capture: _Capture, in_pid_namespace: bool,
+               uid: int | None, cpu_before: float) -> tuple[int, resource.struct_rusage, str | None]:
+    """Wait for the job ``pid`` while reading its output; kill it at the wall limit, when its
+    stdout passes the cap, or when its process tree's CPU time passes ``cpu_limit`` (checked every
+    ``_SAMPLE_SECONDS``: the processes alive, plus everything this process has reaped since
+    ``cpu_before``). Returns (status, rusage of ``pid``, reason it was killed or None)."""
+    start = time.monotonic()
+    deadline = start + wall
+    next_sample = start + _SAMPLE_SECONDS
     pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    poller = select.poll()
+    for fd in capture.fds:
+        poller.register(fd, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    reason = None
+    sample = in_pid_namespace or uid is not None
     try:
         while True:
             got, status, usage = os.wait4(pid, os.WNOHANG)
             if got == pid:
-                return status, usage, timed_out
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                os.kill(pid, signal.SIGKILL)
+                return status, usage, None
+            now = time.monotonic()
+            if now >= deadline:
+                reason = "wall"
+            elif sample and now >= next_sample:
+                next_sample = now + _SAMPLE_SECONDS
+                if _children_cpu() - cpu_before + _live_tree_cpu(in_pid_namespace, uid) > cpu_limit:
+                    reason = "cpu"
+            if capture.overflow:
+                reason = "output"
+            if reason is not None:
+                _kill_job(pid, in_pid_namespace, uid)
                 _, status, usage = os.wait4(pid, 0)
-                return status, usage, timed_out
-            if pidfd is not None:
-                poller = select.poll()
-                poller.register(pidfd, select.POLLIN)
-                poller.poll(max(1, int(left * 1000)))
-            else:
-                time.sleep(min(left, 0.005))
+                return status, usage, reason
+            timeout = min(deadline, next_sample if sample else deadline) - now
+            for fd, _ in poller.poll(max(1, int(timeout * 1000)) if pidfd is not None else 5):
+                if fd in capture.fds and not capture.read(fd):
+                    poller.unregister(fd)
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _kill_job(pid: int, in_pid_namespace: bool, uid: int | None) -> None:
+    """Stop a job at once (its whole tree where it can be named: the PID namespace, or the uid)."""
+    for kill in ((lambda: os.kill(-1, signal.SIGKILL)) if in_pid_namespace else (lambda: os.killpg(pid, signal.SIGKILL)),
+                 lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _cleanup_after_job(pid: int, in_pid_namespace: bool, uid: int | None) -> None:
@@ -323,32 +629,55 @@ def _cleanup_after_job(pid: int, in_pid_namespace: bool, uid: int | None) -> Non
             time.sleep(0.002)
 
 
+
+
 def _run_jobs(cfg: dict, host_fd: int, uid: int | None, in_pid_namespace: bool) -> list[dict]:
     results = []
+    limits = cfg["limits"]
     for job in cfg["jobs"]:
         err_r, err_w = os.pipe()  # both close-on-exec: EOF with no data means exec succeeded
+        out_r, out_w = os.pipe()
+        errpipe_r, errpipe_w = os.pipe()
+        cpu_before = _children_cpu()
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            os.close(err_r)
-            _exec_job(job, cfg, host_fd, uid, in_pid_namespace, err_w)
-        os.close(err_w)
-        status, usage, timed_out = _wait(pid, job["wall_seconds"])
+            for fd in (err_r, out_r, errpipe_r):
+                os.close(fd)
+            _exec_job(job, cfg, host_fd, uid, in_pid_namespace, err_w, out_w, errpipe_w)
+        for fd in (err_w, out_w, errpipe_w):
+            os.close(fd)
+        capture = _Capture(out_r, errpipe_r, limits["max_output_bytes"])
+        status, usage, reason = _supervise(pid, job["wall_seconds"], limits["cpu_seconds"], capture,
+                                           in_pid_namespace, uid, cpu_before)
         wall = time.monotonic() - start
         exec_error = os.read(err_r, 4096).decode(errors="replace")
         os.close(err_r)
+        capture.drain(0.0)
         _cleanup_after_job(pid, in_pid_namespace, uid)
+        capture.drain(0.5)
+        stdout, stderr = capture.close()
+        for name, data in ((job["stdout"], stdout), (job["stderr"], stderr)):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=host_fd)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        # Every process of the job has now been reaped, by init or by a parent that init reaped
+        # in turn (the filter forbids auto-reaping), so this is the CPU time of the whole tree.
+        tree_cpu = _children_cpu() - cpu_before
         result = {
             "exit_code": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-            "timed_out": timed_out,
+            "timed_out": reason == "wall",
+            "cpu_exceeded": reason == "cpu",
+            "output_exceeded": capture.overflow,
             "wall_seconds": wall,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "cpu_seconds": tree_cpu,
+            "main_cpu_seconds": usage.ru_utime + usage.ru_stime,
             "max_rss_bytes": usage.ru_maxrss * 1024,
             "exec_error": exec_error or None,
         }
         results.append(result)
-        failed = timed_out or result["exit_code"] != 0
+        failed = reason is not None or result["exit_code"] != 0
         if exec_error or (failed and (job.get("stop_on_error") or cfg.get("stop_on_error"))):
             break
     return results
@@ -365,7 +694,12 @@ def main(hostdir: str) -> int:
     host_fd = os.open(hostdir, os.O_RDONLY | os.O_DIRECTORY)
     with open(os.path.join(hostdir, "config.json")) as f:
         cfg = json.load(f)
-    status: dict = {"isolation": cfg["isolation"], "uid": None, "error": None, "jobs": []}
+    status: dict = {"isolation": cfg["isolation"], "uid": None, "error": None, "jobs": [],
+                    "seccomp": False, "ipc_quotas": False}
+    if cfg.get("seccomp", True) and seccomp_supported():
+        cfg["seccomp"] = status["seccomp"] = True
+    else:
+        cfg["seccomp"] = False
     try:
         uid = None
         if os.geteuid() == 0:  # never run untrusted code as root
@@ -387,6 +721,12 @@ def main(hostdir: str) -> int:
             raise OSError("namespace isolation needs root (use 'userns' or 'rlimits')")
         else:
             _check(_libc.unshare(flags), "unshare")
+        try:
+            _set_ipc_quotas()
+            status["ipc_quotas"] = True
+        except OSError:
+            if cfg["isolation"] == "namespaces":  # root can always write them: a failure is a bug
+                raise
         _build_root(cfg["root"], cfg["workdir"], cfg["expose"], cfg["hide"],
                     cfg["limits"].get("max_disk_bytes", 64 << 20), uid)
     except OSError as e:
@@ -399,10 +739,10 @@ def main(hostdir: str) -> int:
         try:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             # A /proc that shows only this namespace, mounted by its init and before the host's
-            # /proc goes away (the kernel wants one visible to allow it); writable under userns,
-            # where each job writes its own uid map.
-            readonly = 0 if cfg["isolation"] == "userns" else MS_RDONLY
-            _mount("proc", cfg["root"] + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | readonly)
+            # /proc goes away (the kernel wants one visible to allow it); writable, since each job
+            # writes the map of its own user namespace (an unprivileged job can write only its
+            # own processes' files there).
+            _mount("proc", cfg["root"] + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             _enter_root(cfg["root"])
             status["jobs"] = _run_jobs(cfg, host_fd, uid, in_pid_namespace=True)
         except BaseException as e:

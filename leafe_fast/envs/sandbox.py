@@ -458,15 +458,13 @@ class Sandbox:
         return status
 
     def _result(self, hostdir: Path, name: str, job: dict, limits: Limits, isolation: str, status: dict) -> RunResult:
-        out_path = hostdir / f"{name}.out"
-        out_size = out_path.stat().st_size if out_path.exists() else 0
-        stdout = _read_head(out_path, limits.max_output_bytes)
+        stdout = _read_head(hostdir / f"{name}.out", limits.max_output_bytes)
         stderr = _read_tail(hostdir / f"{name}.err", _TAIL_CHARS)
         exit_code, sig = job["exit_code"], job["signal"]
-        cpu = job["cpu_seconds"]
-        if job["timed_out"] or sig == signal.SIGXCPU or cpu > limits.cpu_seconds:
+        cpu = job["cpu_seconds"]  # the whole process tree's, reaped or not
+        if job["timed_out"] or job["cpu_exceeded"] or sig == signal.SIGXCPU or cpu > limits.cpu_seconds:
             verdict = Verdict.TIMEOUT
-        elif out_size >= limits.max_output_bytes or sig == signal.SIGXFSZ:
+        elif job["output_exceeded"] or sig == signal.SIGXFSZ:
             verdict = Verdict.OUTPUT_LIMIT
         elif exit_code == 0:
             verdict = Verdict.OK
@@ -488,7 +486,8 @@ class Sandbox:
             wall_seconds=job["wall_seconds"],
             max_rss_bytes=job["max_rss_bytes"],
             isolation=isolation,
-            info={"uid": status.get("uid"), "hostdir": str(hostdir)},
+            info={"uid": status.get("uid"), "hostdir": str(hostdir), "seccomp": status.get("seccomp"),
+                  "ipc_quotas": status.get("ipc_quotas"), "main_cpu_seconds": job.get("main_cpu_seconds")},
         )
 
 
