@@ -6,83 +6,122 @@
 Each task is played ``--n`` times by the policy alone (no reflection, no experience) through the
 embedded HF engine; the unbiased pass@k estimator (``leafe_fast.eval.pass_at_k``) turns the per-task
 success counts into pass@k. ``--model`` is a local directory (``config.json`` + weights + tokenizer);
-nothing is downloaded.
+nothing is downloaded. The flags are the fields of :class:`EvalConfig` (``leafe_fast.flags``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+from leafe_fast.errors import UserError
+from leafe_fast.flags import add_config_flags, config_from_args
 
 
-def _ks(value: str) -> list[int]:
-    try:
-        ks = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"every k must be >= 1, got {value!r}")
-    return ks
+@dataclass
+class EvalConfig:
+    """What ``leafe-fast eval`` runs; every field is a flag (``--task-seed`` for ``task_seed``)."""
+
+    env: str = field(default="sokoban", metadata={"help": "registered environment name"})
+    env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "environment constructor option, repeatable (VALUE is JSON, e.g. size=6)"})
+    split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "task split"})
+    tasks: int = field(default=16, metadata={"help": "number of tasks", "min": 1})
+    task_seed: int = field(default=0, metadata={"help": "seed of the task list"})
+    n: int = field(default=4, metadata={"help": "episodes per task", "min": 1})
+    k: tuple[int, ...] = field(default=(1,), metadata={"help": "k values of pass@k, each <= n", "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling, in (0, 1]", "min": 0.0, "max": 1.0})
+    max_new_tokens: int = field(default=64, metadata={"help": "token limit of one action", "min": 1})
+    max_turns: int = field(default=100, metadata={"help": "cap on steps per episode", "min": 1})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str | None = field(default=None, metadata={"help": "torch device (none: cuda if available, else cpu)"})
+    max_batch_size: int = field(default=32, metadata={"help": "engine batch size", "min": 1})
+    out: Path | None = field(default=None, metadata={"help": "write the result JSON here"})
+    progress: bool = field(default=True, metadata={"help": "progress bar (off when stderr is not a terminal)"})
+
+    def validate(self) -> "EvalConfig":
+        if max(self.k, default=0) > self.n:
+            raise UserError("--k", f"k={max(self.k)} > n={self.n}", "sample at least k episodes per task (--n)")
+        if not self.k:
+            raise UserError("--k", "no k values given", "pass e.g. --k 1,4")
+        if self.top_p <= 0:
+            raise UserError("--top-p", f"must be > 0, got {self.top_p}", "use a value in (0, 1]")
+        if self.out is not None and self.out.is_dir():
+            raise UserError("--out", f"{self.out} is a directory", "pass a file path, e.g. runs/x/eval.json")
+        return self
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="local model directory (config, weights, tokenizer)")
-    p.add_argument("--env", default="sokoban", help="registered environment name (default: sokoban)")
-    p.add_argument("--split", default="test", help="task split: train, val or test (default: test)")
-    p.add_argument("--tasks", type=int, default=16, help="number of tasks (default: 16)")
-    p.add_argument("--task-seed", type=int, default=0, help="seed of the task list (default: 0)")
-    p.add_argument("--n", type=int, default=4, help="episodes per task (default: 4)")
-    p.add_argument("--k", type=_ks, default=[1], help="k values of pass@k, e.g. 1,2,4 (each <= n; default: 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per action (default: 64)")
-    p.add_argument("--max-turns", type=int, default=100, help="cap on steps per episode (default: 100)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="engine batch size (default: 32)")
-    p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p, EvalConfig)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError("--model", f"{path} is not a local model directory",
+                        "pass a folder with config.json, weights and tokenizer (e.g. runs/x/final)")
+    if not (path / "config.json").is_file():
+        raise UserError("--model", f"{path} has no config.json",
+                        "pass the folder written by `leafe-fast train` (runs/x/final) or save_pretrained")
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(EvalConfig, args).validate()
+    _check_model_dir(args.model)
+
     from leafe_fast.data.chat import ChatFormat
     from leafe_fast.engines.base import SamplingParams
     from leafe_fast.engines.hf import HFEngine
-    from leafe_fast.envs.registry import list_tasks, make_env
+    from leafe_fast.envs.registry import available_envs, list_tasks, make_env
     from leafe_fast.eval import evaluate
 
-    if not args.model.is_dir():
-        print(f"leafe-fast eval: --model {args.model} is not a local model directory", file=sys.stderr)
-        return 2
-    if max(args.k) > args.n:
-        print(f"leafe-fast eval: k={max(args.k)} > n={args.n}: sample at least k episodes per task", file=sys.stderr)
-        return 2
+    if cfg.env not in available_envs():
+        raise UserError("--env", f"unknown environment {cfg.env!r}", f"choose one of {available_envs()}")
     try:
-        env = make_env(args.env)
-        tasks = list_tasks(args.env, args.split, args.tasks, seed=args.task_seed)
-    except (KeyError, ValueError, ImportError) as e:
-        print(f"leafe-fast eval: {e}", file=sys.stderr)
-        return 2
-    engine = HFEngine(str(args.model), device=args.device, max_batch_size=args.max_batch_size, seed=args.seed)
-    chat = ChatFormat.from_tokenizer(engine.tokenizer)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    positions = getattr(engine.model.config, "max_position_embeddings", None)
-    result = evaluate(
-        engine, chat, env, tasks, n=args.n, ks=args.k, sampling=sampling, max_turns=args.max_turns,
-        max_context_tokens=positions, seed=args.seed, progress=not args.no_progress,
-    )
-    engine.close()
-    print(format_result(result, f"{args.env}/{args.split}"))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": str(args.model), "env": args.env, "split": args.split, **result}, indent=2))
-        print(f"wrote {args.out}")
+        env = make_env(cfg.env, **cfg.env_kwargs)
+    except TypeError as e:  # an unknown constructor keyword: caught before the model loads
+        raise UserError("--env-kwargs", f"{cfg.env} does not accept {sorted(cfg.env_kwargs)} ({e})",
+                        "pass only options of the environment's constructor") from None
+    tasks = list_tasks(cfg.env, cfg.split, cfg.tasks, seed=cfg.task_seed)
+    if not tasks:
+        raise UserError("--split", f"{cfg.env} has no {cfg.split} tasks", "choose another split or environment")
+    engine = HFEngine(str(args.model), device=cfg.device, max_batch_size=cfg.max_batch_size, seed=cfg.seed)
+    try:
+        chat = ChatFormat.from_tokenizer(engine.tokenizer)
+        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+        positions = getattr(engine.model.config, "max_position_embeddings", None)
+        result = evaluate(
+            engine, chat, env, tasks, n=cfg.n, ks=cfg.k, sampling=sampling, max_turns=cfg.max_turns,
+            max_context_tokens=positions, seed=cfg.seed, progress=cfg.progress and sys.stderr.isatty(),
+        )
+    finally:
+        engine.close()
+    print(format_result(result, f"{cfg.env}/{cfg.split}"))
+    if cfg.out is not None:
+        record = {"model": str(args.model), "env": cfg.env, "split": cfg.split, **result}
+        _write_json(cfg.out, record)
+        print(f"wrote {cfg.out}")
     return 0
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write to a temporary file and rename: a killed run never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def format_result(result: dict, label: str) -> str:
     ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in result["pass@k"].items())
     return (f"eval {label}: {result['num_tasks']} tasks x {result['n']} episodes, "
             f"success rate {result['success_rate']:.3f}, {ks}")
+
+
+__all__ = ["EvalConfig", "add_arguments", "run", "format_result"]

@@ -1,9 +1,12 @@
-"""The build-data, eval and bench subcommands through ``leafe_fast.cli.main``."""
+"""The CLI through ``leafe_fast.cli.main``: build-data, eval and bench, the one error boundary
+(user mistakes -> one line + exit 2, bugs -> traceback), and the frozen flag surface."""
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -65,9 +68,89 @@ def test_eval_cli_on_a_saved_tiny_model(tmp_path, capsys):
     assert res["num_tasks"] == 2 and res["n"] == 2 and set(res["pass@k"]) == {"1", "2"}
     assert all(len(t["steps"]) == 2 and max(t["steps"]) <= 3 for t in res["tasks"])
     assert "pass@2" in capsys.readouterr().out
-    assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
-    assert main(["eval", "--model", str(model_dir), "--n", "2", "--k", "4"]) == 2
-    assert "k=4 > n=2" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "{missing}"], "--model: {missing} is not a local model directory"),
+    (["--model", "{empty}"], "has no config.json"),
+    (["--model", "{model}", "--n", "2", "--k", "4"], "--k: k=4 > n=2"),
+    (["--model", "{model}", "--env", "chess"], "--env: unknown environment 'chess'"),
+    (["--model", "{model}", "--out", "{model}"], "--out: {model} is a directory"),
+])
+def test_eval_user_errors_are_one_line_naming_the_flag(argv, words, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    paths = {k: str(tmp_path / k) for k in ("missing", "empty", "model")}
+    assert main(["eval", *[a.format(**paths) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leafe-fast eval: error: ") and err.count("\n") == 1
+    assert words.format(**paths) in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--model", "m", "--tasks", "0"], "argument --tasks: must be >= 1, got 0"),
+    (["eval", "--model", "m", "--n", "four"], "argument --n: expected an integer, got 'four'"),
+    (["eval", "--model", "m", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+    (["eval"], "the following arguments are required: --model"),
+    (["nope"], "invalid choice: 'nope'"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: " in err and words in err, err
+
+
+def _fake_command(tmp_path, monkeypatch, body: str) -> None:
+    """Register `leafe-fast fake`, whose run() executes ``body``."""
+    (tmp_path / "fake_cmd.py").write_text(textwrap.dedent(f"""
+        from leafe_fast.errors import UserError
+
+        def add_arguments(p):
+            p.add_argument("--x", type=int, default=0, help="x")
+
+        def run(args):
+            {body}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import leafe_fast.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_cmd", "a test command"))
+    sys.modules.pop("fake_cmd", None)
+
+
+def test_user_error_from_a_stage_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    _fake_command(tmp_path, monkeypatch, 'raise UserError("data.jsonl:3", "max_branches is \'four\'", "write an integer\\nplease")')
+    assert main(["fake"]) == 2
+    err = capsys.readouterr().err
+    assert err == "leafe-fast fake: error: data.jsonl:3: max_branches is 'four'; write an integer please\n"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    _fake_command(tmp_path, monkeypatch, 'raise RuntimeError("a real bug")')
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["fake"])
+    _fake_command(tmp_path, monkeypatch, 'raise ValueError("a plain ValueError is a bug too")')
+    with pytest.raises(ValueError, match="is a bug too"):
+        main(["fake"])
+
+
+def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch, capsys):
+    _fake_command(tmp_path, monkeypatch, "import sglang_not_installed_xyz")
+    assert main(["fake"]) == 2
+    err = capsys.readouterr().err
+    assert "'sglang_not_installed_xyz', which is not installed" in err and err.count("\n") == 1
+
+
+def test_a_missing_stage_module_is_not_silent(monkeypatch):
+    import leafe_fast.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", ("leafe_fast.bench.command_gone", "x"))
+    with pytest.raises(ModuleNotFoundError, match="command_gone"):
+        main(["bench", "--help"])
 
 
 def test_bench_runs_the_checkout_script(tmp_path, capsys):
@@ -75,6 +158,7 @@ def test_bench_runs_the_checkout_script(tmp_path, capsys):
     bench.mkdir()
     marker = tmp_path / "ran.json"
     (bench / "bench_pack.py").write_text(
+        '"""Packer throughput."""\n'
         "import json, sys\n"
         f"json.dump(sys.argv[1:], open({str(marker)!r}, 'w'))\n"
         "sys.exit(3 if '--fail' in sys.argv else 0)\n"
@@ -84,10 +168,27 @@ def test_bench_runs_the_checkout_script(tmp_path, capsys):
     assert main(["bench", "pack", "--benchmarks-dir", str(bench), "--", "--fail"]) == 3  # exit status passes through
     assert main(["bench", "loss", "--benchmarks-dir", str(bench)]) == 2
     assert "bench_loss.py does not exist" in capsys.readouterr().err
+    assert main(["bench", "--list", "--benchmarks-dir", str(bench)]) == 0
+    listing = capsys.readouterr().out
+    assert "Packer throughput." in listing and "(missing)" in listing
+
+
+def test_bench_all_runs_every_script_in_turn(tmp_path, capsys):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    log = tmp_path / "log.txt"
+    for name in ("loss", "pack", "rollout", "train"):
+        (bench / f"bench_{name}.py").write_text(
+            f"open({str(log)!r}, 'a').write({name!r} + '\\n')\n"
+            f"raise SystemExit({1 if name == 'pack' else 0})\n")
+    assert main(["bench", "all", "--benchmarks-dir", str(bench)]) == 1  # pack failed, the others still ran
+    assert log.read_text().split() == ["loss", "pack", "rollout", "train"]
+    assert "failed: pack (exit 1)" in capsys.readouterr().err
+    assert main(["bench", "all", "--benchmarks-dir", str(bench), "--", "--small"]) == 2
 
 
 def test_bench_without_a_checkout_says_so(monkeypatch, capsys):
-    import leafe_fast.bench_command as bc
+    import leafe_fast.bench.command as bc
 
     monkeypatch.setattr(bc, "find_benchmarks_dir", lambda start=None: None)
     assert main(["bench", "train"]) == 2
@@ -95,12 +196,55 @@ def test_bench_without_a_checkout_says_so(monkeypatch, capsys):
 
 
 def test_bench_finds_benchmarks_from_a_subfolder(tmp_path):
-    from leafe_fast.bench_command import find_benchmarks_dir
+    from leafe_fast.bench.command import find_benchmarks_dir
 
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "bench_x.py").write_text("")
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    found = find_benchmarks_dir(tmp_path / "a" / "b")
-    # the package's own checkout wins when it has benchmark scripts; otherwise the folder above cwd
-    assert found is not None and found.name == "benchmarks" and any(found.glob("bench_*.py"))
-    assert sys.executable  # the scripts run with this interpreter
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "benchmarks" / "bench_x.py").write_text("")
+    (repo / "a" / "b" / "benchmarks").mkdir(parents=True)  # no bench_*.py: not a benchmarks folder
+    pkg = tmp_path / "site" / "leafe_fast"  # an installed package: no checkout beside it
+    pkg.mkdir(parents=True)
+    assert find_benchmarks_dir(repo / "a" / "b", package_dir=pkg) == repo / "benchmarks"
+    assert find_benchmarks_dir(tmp_path / "site", package_dir=pkg) is None
+    # the package's own checkout wins over the current directory
+    (tmp_path / "site" / "benchmarks").mkdir()
+    (tmp_path / "site" / "benchmarks" / "bench_y.py").write_text("")
+    assert find_benchmarks_dir(repo / "a" / "b", package_dir=pkg) == tmp_path / "site" / "benchmarks"
+    # and this checkout's own folder is found from anywhere
+    assert find_benchmarks_dir(tmp_path) == Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+# --- the frozen CLI surface -------------------------------------------------------------------------
+SURFACE = Path(__file__).parent / "data" / "cli_surface.json"
+REGENERATE = "python -m leafe_fast.cli --dump-surface > tests/data/cli_surface.json"
+
+
+def test_cli_surface_is_frozen():
+    """Adding, renaming or re-defaulting a flag must be deliberate: regenerate the file with
+    `python -m leafe_fast.cli --dump-surface > tests/data/cli_surface.json` and commit it."""
+    from leafe_fast.cli import cli_surface
+
+    stored = json.loads(SURFACE.read_text())
+    now = json.loads(json.dumps(cli_surface()))
+    assert sorted(now) == sorted(stored), f"subcommands changed; regenerate: {REGENERATE}"
+    for cmd in now:
+        added, removed = sorted(set(now[cmd]) - set(stored[cmd])), sorted(set(stored[cmd]) - set(now[cmd]))
+        changed = sorted(k for k in set(now[cmd]) & set(stored[cmd]) if now[cmd][k] != stored[cmd][k])
+        assert not (added or removed or changed), (
+            f"`leafe-fast {cmd}` flags changed: added {added}, removed {removed}, changed {changed}; "
+            f"if on purpose, regenerate: {REGENERATE}")
+
+
+def test_every_flag_is_documented():
+    from leafe_fast.cli import cli_surface
+
+    undocumented = [f"{cmd} {name}" for cmd, args in cli_surface().items()
+                    for name, a in args.items() if not a["documented"]]
+    assert not undocumented
+
+
+def test_dump_surface_prints_the_stored_format(capsys):
+    assert main(["--dump-surface"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert set(dumped) == {"explore", "build-data", "train", "eval", "demo", "bench"}
+    assert dumped["eval"]["--tasks"]["default"] == 16 and dumped["eval"]["--split"]["choices"] == ["train", "val", "test"]
