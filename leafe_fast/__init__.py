@@ -14,8 +14,7 @@ Hugging Face Trainer / TRL users: ``leafe_fast.integrations.hf`` (``LeafeCollato
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from leafe_fast._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -37,7 +36,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'leafe_fast' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -81,6 +81,24 @@ def test_cli_subcommand_help_fails_when_its_module_is_missing(monkeypatch):
         cli.main(["eval", "--help"])
 
 
+@pytest.mark.parametrize("package", ["leafe_fast", "leafe_fast.data", "leafe_fast.engines", "leafe_fast.integrations"])
+def test_lazy_exports_resolve_and_unknown_names_raise(package):
+    import importlib
+
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, name
+        assert name in vars(mod), f"{package}.{name} is not cached after the first access"
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'no_such_name'"):
+        getattr(mod, "no_such_name")
+
+
+def test_importing_the_package_is_cheap(tmp_path):
+    res = _python_elsewhere(tmp_path, "import sys, leafe_fast, leafe_fast.data, leafe_fast.engines, "
+                                      "leafe_fast.integrations; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
+
+
 def test_triton_kernel_runs_for_real(triton_interpret):
     import torch
 

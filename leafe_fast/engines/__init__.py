@@ -4,9 +4,9 @@ works without torch-heavy or optional packages."""
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any
 
+from leafe_fast._lazy import lazy_getattr
 from leafe_fast.engines.base import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
 
 __all__ = [
@@ -30,10 +30,7 @@ _LAZY = {
 ENGINE_KINDS = {"hf": "HFEngine", "sglang": "SGLangEngine", "scripted": "ScriptedEngine"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'leafe_fast.engines' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def make_engine(kind: str, **kwargs: Any) -> RolloutEngine:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from leafe_fast._lazy import lazy_getattr
 
 _LAZY = {
     "LeafeCollator": "leafe_fast.integrations.hf",
@@ -15,7 +14,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'leafe_fast.integrations' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
