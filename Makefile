@@ -4,16 +4,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,bench,envs
 STAMP := $(VENV)/.leafe-installed
 
-.PHONY: install build demo test bench clean
+.PHONY: install build demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q setuptools wheel "pybind11>=2.12"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,5 +29,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
+# Every benchmark in turn; without CUDA each script runs its CPU-small shapes, with CUDA its GPU
+# shapes. Results (JSON + plot, with device and versions) go to benchmarks/results/.
+bench: $(STAMP)
+	$(VENV)/bin/leafe-fast bench --list
+	$(VENV)/bin/leafe-fast bench all
+
+# The checks that need a CUDA GPU (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	@test -f benchmarks/gpu_check.py || { echo "benchmarks/gpu_check.py is not there yet"; exit 2; }
+	$(PY) benchmarks/gpu_check.py
+
+# Build outputs and the install stamp: the next `make test` reinstalls (and rebuilds _C).
 clean:
-	rm -rf build *.egg-info leafe_fast/_C*.so
+	rm -rf build dist *.egg-info leafe_fast/_C*.so $(STAMP)
