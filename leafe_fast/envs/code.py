@@ -6,18 +6,20 @@ fence, or no fence at all), runs it in the :mod:`~leafe_fast.envs.sandbox` on th
 and, if they all pass, on the hidden tests. An episode is up to ``max_attempts`` submissions; it
 ends at the first accepted one.
 
-Feedback names the compile or runtime error, or the first failing test with its input, the
-expected and the actual output (each truncated to ``feedback_chars``). Hidden-test data appears in
-feedback only with ``reveal_hidden_tests=True`` (the default: LEAFE's reflection and the grounded
-reflector need the failing case; turn it off to keep hidden tests secret from the policy).
+Feedback names the compile or runtime error, or the first failing public test with its input,
+the expected and the actual output (each truncated to ``feedback_chars``). A failing hidden test is
+named only by its number and the kind of failure ("Runtime error on hidden test 3."): no input,
+output, error message or size, in the feedback, in ``info`` or in grounded reflections, so neither
+training data nor evaluation leaks hidden tests. ``reveal_hidden_tests=True`` (off by default;
+``--env-arg reveal_hidden_tests=true``) shows them like public ones, for debugging a problem set.
 
 Reward: 1.0 when every hidden test passes (success). Otherwise 0.0, or, with
 ``partial_credit=True``, the fraction of all tests (public and hidden) passed; that mode runs every
 test on every attempt instead of stopping at the first failing set.
 
-Outputs are compared as whitespace-separated tokens: an expected integer must be matched by the
-same integer; other tokens match exactly or, when both parse as finite floats, within 1e-6
-absolute or relative error (the usual checker).
+Outputs are compared as whitespace-separated tokens (:func:`outputs_match`, which never raises):
+an expected integer must be matched by the same integer; other tokens match exactly or, when both
+are finite decimal numbers, within 1e-6 absolute or relative error (the usual checker).
 
 Snapshots are immutable records of the attempts so far; judging is cached per (problem, program,
 limits), so replaying the same actions after ``restore`` gives the same observations even for a
@@ -33,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from leafe_fast.envs.base import GroundedReflection, Observation, StepResult, Task
+from leafe_fast.envs.base import GROUNDING_MODES, GroundedReflection, Observation, StepResult, Task
 from leafe_fast.envs.codecontests import Problem, TestCase
 from leafe_fast.envs.sandbox import Limits, RunResult, Sandbox, Verdict
 
@@ -72,29 +74,59 @@ def extract_program(text: str) -> str | None:
     return None
 
 
-def _is_int(token: str) -> bool:
-    return token.lstrip("+-").isdigit()
+# Only ASCII counts: str.isdigit() accepts '²' and other digits int() refuses, and int() of a long
+# digit string raises past 4300 digits; the judge never converts an integer, it compares digits.
+_ASCII_WS = re.compile(rb"[ \t\n\r\x0b\x0c]+")
+_INT = re.compile(rb"([+-]?)0*([0-9]+)")
+_FLOAT = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_MAX_FLOAT_CHARS = 1000
 
 
-def outputs_match(expected: str, actual: str, tolerance: float = 1e-6) -> bool:
-    """Token-wise comparison; see the module docstring."""
-    want, got = expected.split(), actual.split()
+def _as_bytes(text: str | bytes) -> bytes:
+    if isinstance(text, bytes):
+        return text
+    return text.encode("utf-8", "surrogatepass")  # any str, lone surrogates included
+
+
+def _int_key(token: bytes) -> bytes | None:
+    """An ASCII integer as sign + digits without leading zeros (-0 is 0); None if not one."""
+    m = _INT.fullmatch(token)
+    if m is None:
+        return None
+    digits = m.group(2).lstrip(b"0") or b"0"
+    return (b"-" if m.group(1) == b"-" and digits != b"0" else b"") + digits
+
+
+def _float(token: bytes) -> float | None:
+    if len(token) > _MAX_FLOAT_CHARS or _FLOAT.fullmatch(token) is None:
+        return None
+    try:
+        value = float(token)
+    except (ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def outputs_match(expected: str | bytes, actual: str | bytes, tolerance: float = 1e-6) -> bool:
+    """Token-wise comparison (see the module docstring). Never raises: any output, binary or not
+    valid UTF-8 included, is either a match or a wrong answer. Tokens are split on ASCII
+    whitespace; an expected ASCII integer must be the same integer (compared as normalised digit
+    strings, so of any length); other tokens match exactly or, when both are ASCII decimal
+    numbers, within ``tolerance`` absolute or relative error."""
+    want = [t for t in _ASCII_WS.split(_as_bytes(expected)) if t]
+    got = [t for t in _ASCII_WS.split(_as_bytes(actual)) if t]
     if len(want) != len(got):
         return False
     for a, b in zip(want, got):
         if a == b:
             continue
-        if _is_int(a):  # an integer answer must be that integer
-            if not (_is_int(b) and int(a) == int(b)):
+        key = _int_key(a)
+        if key is not None:  # an integer answer must be that integer
+            if _int_key(b) != key:
                 return False
             continue
-        try:
-            x, y = float(a), float(b)
-        except ValueError:
-            return False
-        if not (math.isfinite(x) and math.isfinite(y)):
-            return False
-        if abs(x - y) > tolerance * max(1.0, abs(x)):
+        x, y = _float(a), _float(b)
+        if x is None or y is None or abs(x - y) > tolerance * max(1.0, abs(x)):
             return False
     return True
 
@@ -145,7 +177,7 @@ class CodeEnv:
     limits: Limits = field(default_factory=lambda: Limits(cpu_seconds=2, wall_seconds=6))
     max_cpu_seconds: float = 4.0
     partial_credit: bool = False
-    reveal_hidden_tests: bool = True
+    reveal_hidden_tests: bool = False
     feedback_chars: int = 300
     cache_size: int = 256
     sandbox: Sandbox | None = None
@@ -154,6 +186,15 @@ class CodeEnv:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if isinstance(self.limits, dict):  # from a config file or --env-arg limits='{"cpu_seconds": 1}'
+            try:
+                self.limits = Limits(**self.limits)
+            except TypeError as e:
+                raise ValueError(f"CodeEnv limits: {e}; the fields are those of leafe_fast.envs.sandbox.Limits") from None
+        if not isinstance(self.limits, Limits):
+            raise ValueError(f"CodeEnv limits must be a Limits or a dict of its fields, got {type(self.limits).__name__}")
+        if not isinstance(self.reveal_hidden_tests, bool):
+            raise ValueError(f"CodeEnv reveal_hidden_tests must be true or false, got {self.reveal_hidden_tests!r}")
         if self.sandbox is None:
             self.sandbox = Sandbox(limits=self.limits)
         self._state = CodeEnvState(task=None)
@@ -227,11 +268,16 @@ class CodeEnv:
             self._problem = Problem.from_record(snapshot.task.spec, where=f"task {snapshot.task.task_id!r}")
         self._state = snapshot
 
-    def ground_reflection(self, history: list[StepResult]) -> GroundedReflection | None:
+    def ground_reflection(self, history: list[StepResult], mode: str = "diagnosis") -> GroundedReflection | None:
         """Roll back to just before the first attempt of the trailing run of attempts that all
         failed the same way (same verdict on the same test), and state that failure as the
         experience. Attempts are independent programs, so the steps before that run stay useful
-        context; re-trying after them with the failing case in mind is the counterfactual."""
+        context; re-trying after them with the failing case in mind is the counterfactual.
+
+        ``mode="oracle"`` gives the same diagnosis: this environment hands out no reference
+        solution, and a hidden test stays as hidden as in the feedback."""
+        if mode not in GROUNDING_MODES:
+            raise ValueError(f"ground_reflection mode must be one of {GROUNDING_MODES}, got {mode!r}")
         if not history or history[-1].success:
             return None
         signatures = [step.info.get("signature") for step in history]
@@ -284,7 +330,7 @@ class CodeEnv:
             return Judgement(NO_CODE, 0, total, "No Python program found: put the complete program in a ```python block.")
         limits = self._limits()
         # Keyed by the whole problem (tests included), not its name: two files may reuse a name.
-        key = (p, hashlib.sha256(code.encode()).hexdigest(), limits, self.partial_credit, self.reveal_hidden_tests)
+        key = (p, hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(), limits, self.partial_credit, self.reveal_hidden_tests)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -341,18 +387,22 @@ class CodeEnv:
             headline = f"Memory limit exceeded on {where} (limit {limits.memory_bytes >> 20} MiB)."
         elif result.verdict is Verdict.OUTPUT_LIMIT:
             headline = f"Output limit exceeded on {where} (limit {limits.max_output_bytes} bytes)."
+        elif not show:  # an error message or exit code could carry the hidden input out
+            headline = f"{'Runtime error' if result.verdict is Verdict.RUNTIME_ERROR else 'Program killed'} on {where}."
         elif result.verdict is Verdict.RUNTIME_ERROR:
             headline = f"Runtime error on {where}: {result.describe().removeprefix('runtime error: ')}"
         else:
             headline = f"Program {result.describe()} on {where}."
         lines = [headline]
+        if not show:  # the number and the kind of failure, nothing else
+            failing["detail"] = verdict.replace("_", " ")
+            return Judgement(verdict, 0, 0, headline, failing)
         failing["detail"] = "wrong answer" if verdict == WRONG_ANSWER else result.describe()
         failing["input_chars"] = len(test.input)
-        if show:
-            failing.update(input=_clip(test.input, c), expected=_clip(test.output, c), actual=_clip(result.stdout, c))
-            lines += ["Input:", failing["input"].rstrip("\n"), "Expected output:", failing["expected"].rstrip("\n")]
-            if verdict == WRONG_ANSWER or result.stdout:
-                lines += ["Your output:", failing["actual"].rstrip("\n") or "(nothing)"]
+        failing.update(input=_clip(test.input, c), expected=_clip(test.output, c), actual=_clip(result.stdout, c))
+        lines += ["Input:", failing["input"].rstrip("\n"), "Expected output:", failing["expected"].rstrip("\n")]
+        if verdict == WRONG_ANSWER or result.stdout:
+            lines += ["Your output:", failing["actual"].rstrip("\n") or "(nothing)"]
         if result.verdict is Verdict.RUNTIME_ERROR and result.stderr.strip():
             lines += ["Error output (end):", _clip_tail(result.stderr.strip(), c)]
         return Judgement(verdict, 0, 0, "\n".join(lines), failing)
@@ -397,7 +447,8 @@ def _experience(info: dict[str, Any]) -> str:
         return (f"The program gave a wrong answer on {where}.{case} Work through this input by hand, find the "
                 "case the algorithm mishandles, and fix it before submitting.")
     if verdict == Verdict.TIMEOUT.value:
-        return (f"The program was too slow on {where} (input of {failing.get('input_chars', '?')} characters). "
+        size = f" (input of {failing['input_chars']} characters)" if "input_chars" in failing else ""
+        return (f"The program was too slow on {where}{size}. "
                 "Use an asymptotically faster algorithm and read input with sys.stdin; avoid loops nested "
                 "over the whole input.")
     if verdict == Verdict.MEMORY_LIMIT.value:

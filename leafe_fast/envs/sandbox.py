@@ -306,6 +306,7 @@ class Sandbox:
         isolation: str = "auto",
         base_dir: str | os.PathLike | None = None,
         hidden_paths: Sequence[str] | None = None,
+        seccomp: bool = True,
     ) -> None:
         if isolation not in ISOLATION_LEVELS + ("auto",):
             raise ValueError(f"isolation must be 'auto' or one of {ISOLATION_LEVELS}, got {isolation!r}")
@@ -319,6 +320,7 @@ class Sandbox:
         self._isolation = isolation
         self.base_dir = None if base_dir is None else Path(base_dir)
         self.hidden_paths = tuple(hidden_paths) if hidden_paths is not None else library_dirs()
+        self.seccomp = seccomp  # False only to test the other layers on their own
 
     @property
     def isolation(self) -> str:
@@ -389,6 +391,7 @@ class Sandbox:
             "workdir": str(workdir),
             "cwd": seen_dir,
             "expose": list(self.language.expose),
+            "seccomp": self.seccomp,
             "limits": {
                 "cpu_seconds": limits.cpu_seconds,
                 "memory_bytes": limits.memory_bytes,
@@ -487,14 +490,16 @@ class Sandbox:
             max_rss_bytes=job["max_rss_bytes"],
             isolation=isolation,
             info={"uid": status.get("uid"), "hostdir": str(hostdir), "seccomp": status.get("seccomp"),
-                  "ipc_quotas": status.get("ipc_quotas"), "main_cpu_seconds": job.get("main_cpu_seconds")},
+                  "ipc_quotas": status.get("ipc_quotas"), "main_cpu_seconds": job.get("main_cpu_seconds"),
+                  "stopped_for": "cpu" if job["cpu_exceeded"] else "wall" if job["timed_out"]
+                  else "output" if job["output_exceeded"] else None},
         )
 
 
 def _write_file(path: Path, text: str, mode: int = 0o600) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:  # any str, lone surrogates included (they reach the program as bytes)
+        f.write(text.encode("utf-8", "surrogatepass"))
 
 
 def _read_head(path: Path, limit: int) -> str:
