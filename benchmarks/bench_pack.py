@@ -30,7 +30,7 @@ except ImportError:  # run as a script from inside benchmarks/
     from common import RESULTS_DIR, env_info, write_result  # type: ignore[no-redef]
 
 from leafe_fast import _C
-from leafe_fast.data.sample import SampleColumns
+from leafe_fast.data.columns import SampleColumns
 from leafe_fast.packing import DEFAULT_ALPHA, Packing, pack, pack_reference, release_buffers
 from leafe_fast.packing_reference import plan_reference
 

@@ -43,7 +43,7 @@ try:
 except ImportError:  # run as a plain script from benchmarks/
     from common import env_info, save_plot, write_result  # type: ignore[no-redef]
 
-from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.data.columns import Sample, SampleColumns
 from leafe_fast.train.metrics import measure_matmul_flops
 
 CONFIGS: dict[str, dict[str, Any]] = {

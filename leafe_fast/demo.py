@@ -9,10 +9,13 @@ What it does, in order (everything under ``--out``, default ``runs/demo``):
    games (val-split levels, uniformly random legal-format moves) teach it the action format. It learns
    no solution: the moves are random, which is what makes it a random-walk policy to start from;
 1. pass@k of that policy on held-out test levels (``leafe_fast.eval``);
-2. Stage 1: reflective tree exploration of the train levels with the env-grounded reflector
-   (Sokoban's solver finds where a failed attempt went wrong; the policy branches from there with the
-   experience in context) -> ``trees.jsonl``;
-3. Stage 2 data: rehearsal + counterfactual samples without the experience -> ``samples.npz``;
+2. Stage 1: reflective tree exploration of the train levels with the env-grounded *diagnosis*
+   reflector (which step lost the level and why, never the solver's plan) and periodic reflection
+   every ``--reflect-every`` steps; the policy branches from the rollback point with the experience
+   in context -> ``trees.jsonl``;
+3. Stage 2 data, recipe ``leafe``: rehearsal (attempts completed without experience) + counterfactual
+   (the corrected actions, experience removed; invalid, no-op and unchanged corrections dropped and
+   counted) -> ``samples.npz``;
 4. packing statistics of those samples (``leafe_fast.packing``);
 5. Stage 2 training: a few steps of the fused LEAFE loss on packed varlen batches;
 6. pass@k again on the same test levels, then ``report.json`` and a short printed report.
@@ -44,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default="1,2,4", help="k values of pass@k, each <= n (default: 1,2,4)")
     p.add_argument("--max-episode-steps", type=int, default=30, help="Sokoban step limit per episode (default: 30)")
     p.add_argument("--max-branches", type=int, default=4, help="rollbacks per explored level (default: 4)")
+    p.add_argument("--reflect-every", type=int, default=3,
+                   help="periodic reflection every K steps of a branch, 0 for only at the end (default: 3)")
     p.add_argument("--warmup-steps", type=int, default=60, help="format warm-up SFT steps, 0 to skip (default: 60)")
     p.add_argument("--train-steps", type=int, default=16, help="Stage-2 training steps (default: 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="Stage-2 learning rate (default: 1e-3)")
@@ -92,8 +97,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from leafe_fast.data.chat import ChatFormat
-    from leafe_fast.data.sample import SampleColumns
-    from leafe_fast.data.samples import build_samples_with_stats
+    from leafe_fast.data.columns import SampleColumns
+    from leafe_fast.data.recipes import BuildConfig, build_recipe
     from leafe_fast.engines.base import SamplingParams
     from leafe_fast.engines.hf import HFEngine
     from leafe_fast.envs.registry import list_tasks, make_env
@@ -185,7 +190,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     trees_path = out / "trees.jsonl"
     xcfg = ExploreConfig(
-        reflector="grounded", max_branches=args.max_branches, max_depth=args.max_episode_steps,
+        reflector="grounded", reflect_every=args.reflect_every, max_branches=args.max_branches,
+        max_depth=args.max_episode_steps,
         max_steps=args.max_episode_steps * (args.max_branches + 1), max_new_tokens=sampling.max_new_tokens,
         temperature=1.0, seed=args.seed, concurrency=max(1, len(train_tasks)), progress=progress,
         max_context_tokens=MAX_POSITIONS,
@@ -195,7 +201,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     # -- 3. samples --------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    samples, bstats = build_samples_with_stats(trees_path, max_len=args.token_budget, overflow="truncate")
+    samples, bstats = build_recipe(trees_path, BuildConfig(recipe="leafe", max_len=args.token_budget,
+                                                           overflow="truncate"))
     cols = SampleColumns.from_samples(samples)
     cols.save(out / "samples.npz")
     stage("build_samples", t0)
@@ -252,7 +259,7 @@ def _fresh_outputs(out: Path) -> None:
 def random_walk_samples(env: Any, chat: Any, tasks: list, walks_per_task: int, steps: int, seed: int) -> list:
     """Games of uniformly random moves, tokenized like exploration trajectories; every action token is
     a target. They teach the output format and nothing about solving levels."""
-    from leafe_fast.data.sample import Sample
+    from leafe_fast.data.columns import Sample
     from leafe_fast.trajectory import open_trajectory
 
     rng = random.Random(seed)
@@ -321,8 +328,15 @@ def format_report(r: dict[str, Any]) -> str:
         f"1 before: {len(r['tasks']['test'])} test levels x {r['config']['n']}: {pk(r['eval_before'])}",
         f"2 explore: {x['finished']} train levels, {x['successes']} solved, {x['branches']} branches, "
         f"{x['steps']} steps, prefix reuse {x['prefix_reuse']:.1%}",
-        f"3 samples: {s['samples'].get('rehearsal', 0)} rehearsal + {s['samples'].get('counterfactual', 0)} "
-        f"counterfactual, {s['tokens']:,} tokens, {s['target_share']:.1%} targets",
+        f"3 samples ({s['recipe']} recipe): {s['samples'].get('rehearsal', 0)} rehearsal "
+        f"({s['target_tokens'].get('rehearsal', 0)} target tokens) + {s['samples'].get('counterfactual', 0)} "
+        f"counterfactual ({s['target_tokens'].get('counterfactual', 0)} target tokens), {s['tokens']:,} tokens, "
+        f"{s['target_share']:.1%} targets",
+        f"  dropped: {s['counterfactual_dropped'].get('invalid', 0)} invalid, "
+        f"{s['counterfactual_dropped'].get('noop', 0)} no-op, "
+        f"{s['counterfactual_dropped'].get('same_as_abandoned', 0)} same-as-abandoned corrections; "
+        f"{s['failed_branches']} of {s['branches']} branches never succeeded; "
+        f"{s['masked_actions']} invalid/no-op actions masked; {s['duplicates_removed']} duplicates",
     ]
     if r["packing"]:
         p = r["packing"]

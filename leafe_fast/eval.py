@@ -16,6 +16,7 @@ this is the policy on its own, as deployed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -23,6 +24,8 @@ import numpy as np
 
 from leafe_fast.engines.base import GenerationRequest, SamplingParams
 from leafe_fast.envs.base import Task
+from leafe_fast.envs.registry import action_token_limit
+from leafe_fast.errors import UserError
 from leafe_fast.trajectory import Trajectory, open_trajectory
 
 
@@ -86,6 +89,7 @@ class TaskResult:
     successes: int
     returns: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # environment exceptions, one per failed episode
 
 
 @dataclass
@@ -98,6 +102,7 @@ class _Episode:
     ret: float = 0.0
     done: bool = False
     success: bool = False
+    error: str | None = None
 
 
 def evaluate(
@@ -122,35 +127,50 @@ def evaluate(
     whose environment never ends them; ``max_context_tokens`` (the model's positions) ends an episode
     as a failure when its next prompt plus ``max_new_tokens`` would not fit.
 
+    Without ``sampling``, an action may be as long as the env's limit
+    (``leafe_fast.envs.registry.action_token_limit``: the one exploration uses). A generation that
+    stops at the limit instead of ending its turn is counted (``cut_generations``) and warned about.
+
+    An exception raised by the environment ends that episode as a failure (the task's reset: all its
+    episodes); the error is kept in the task's ``errors`` and counted in ``env_errors``; the run goes on.
+
     Returns ``{"n", "ks", "num_tasks", "success_rate", "pass@k": {k: mean}, "tasks": [TaskResult
-    as dict], "tokens": {"prompt", "output", "cached"}, "cut_episodes"}`` (episodes ended by
-    ``max_turns`` or ``max_context_tokens`` rather than by the environment).
+    as dict], "tokens": {"prompt", "output", "cached"}, "cut_episodes", "cut_generations",
+    "env_errors"}`` (``cut_episodes``: ended by ``max_turns`` or ``max_context_tokens`` rather than by
+    the environment).
     """
-    if n < 1:
-        raise ValueError(f"evaluate: n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError("--n", f"episodes per task must be an integer >= 1, got {n!r}", "pass --n 1 or more")
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1 or ks[-1] > n:
-        raise ValueError(f"evaluate: every k must be in [1, n={n}], got {ks}")
+        raise UserError("--k", f"every k must be in [1, n={n}], got {ks}", f"pass k values between 1 and {n}")
     if not tasks:
-        raise ValueError("evaluate: no tasks")
+        raise UserError("--tasks", "there are no tasks to evaluate", "pass --tasks 1 or more (and a split that has tasks)")
     ids = [t.task_id for t in tasks]
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"evaluate: task ids must be unique (results are per task); repeated: {twice[:5]}")
-    base = sampling or SamplingParams(temperature=1.0, max_new_tokens=64)
+    base = sampling or SamplingParams(temperature=1.0, max_new_tokens=action_token_limit(getattr(env, "name", "")))
     if not base.stop_token_ids:
         base = SamplingParams(**{**asdict(base), "stop_token_ids": tuple(chat.stop_ids)})
 
     episodes: list[_Episode] = []
     for t_index, task in enumerate(tasks):
-        obs = env.reset(task)
-        prompt = open_trajectory(chat, env.instructions(), obs)
-        snap = env.snapshot()
+        try:
+            obs = env.reset(task)
+            prompt = open_trajectory(chat, env.instructions(), obs)
+            snap = env.snapshot()
+        except Exception as e:  # this task fails, the others go on
+            error = f"reset: {type(e).__name__}: {e}"
+            episodes += [_Episode(task, j, Trajectory([], []), None, done=True, error=error) for j in range(n)]
+            continue
         episodes += [_Episode(task, j, prompt.copy(), snap) for j in range(n)]
 
     tokens = {"prompt": 0, "output": 0, "cached": 0}
     bar = _progress(len(episodes), progress)
-    finished = 0
+    cut_generations = 0
+    finished = sum(e.done for e in episodes)
+    bar.update(finished)
     successes = 0
     cut = 0  # episodes ended by max_turns or max_context_tokens, not by the environment
     turn = 0
@@ -188,9 +208,16 @@ def evaluate(
             tokens["prompt"] += res.prompt_tokens
             tokens["output"] += res.output_tokens
             tokens["cached"] += res.cached_tokens
-            env.restore(e.snapshot)
-            step = env.step(chat.decode_action(res.output_ids))
-            e.snapshot = env.snapshot()
+            cut_generations += int(res.finish_reason == "length" and len(res.output_ids) >= base.max_new_tokens)
+            try:
+                env.restore(e.snapshot)
+                step = env.step(chat.decode_action(res.output_ids))
+                e.snapshot = env.snapshot()
+            except Exception as err:  # this episode fails, the others go on
+                e.done, e.error = True, f"step {e.steps + 1}: {type(err).__name__}: {err}"
+                finished += 1
+                bar.update(1)
+                continue
             e.steps += 1
             e.ret += float(step.reward)
             e.traj.add_step(list(res.output_ids), step)
@@ -209,7 +236,17 @@ def evaluate(
         r.successes += int(e.success)
         r.returns.append(round(e.ret, 6))
         r.steps.append(e.steps)
+        if e.error is not None:
+            r.errors.append(e.error)
     results = list(per_task.values())
+    env_errors = sum(e.error is not None for e in episodes)
+    if cut_generations:
+        warnings.warn(f"evaluate: {cut_generations} generation(s) stopped at the token limit "
+                      f"(max_new_tokens={base.max_new_tokens}) instead of ending their turn; raise the limit "
+                      "if the env's actions are longer", RuntimeWarning, stacklevel=2)
+    if env_errors:
+        warnings.warn(f"evaluate: {env_errors} episode(s) ended by an environment error (counted as failures; "
+                      "see tasks[].errors)", RuntimeWarning, stacklevel=2)
     c = np.array([r.successes for r in results])
     return {
         "n": n,
@@ -220,6 +257,8 @@ def evaluate(
         "tasks": [asdict(r) for r in results],
         "tokens": tokens,
         "cut_episodes": cut,
+        "cut_generations": cut_generations,
+        "env_errors": env_errors,
     }
 
 

@@ -17,7 +17,7 @@ Contract (one micro-batch, ``T`` tokens, ``n`` samples, ``M`` targets)::
     targets      int64 [M]    the target token ids;  weights float32 [M];  group int8 [M]
     sample_ids   int64 [n]    which input samples, in order
 
-``target_mask[i]`` (see ``leafe_fast.data.sample``) marks token ``i`` as a target predicted from position
+``target_mask[i]`` (see ``leafe_fast.data.columns``) marks token ``i`` as a target predicted from position
 ``i - 1`` of the SAME sample: ``rows = start + i - 1``, ``targets = input_ids[start + i]``. The shift never
 crosses a sample boundary. Targets keep their order inside a sample; samples keep the micro-batch order.
 
@@ -62,7 +62,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.data.columns import Sample, SampleColumns
 
 Strategy = Literal["bfd", "balanced"]
 Truncation = Literal["error", "left", "right"]

@@ -29,6 +29,7 @@ import numpy as np
 
 __all__ = [
     "Trajectory",
+    "common_prefix_length",
     "experience_ids",
     "experience_message",
     "observation_ids",
@@ -70,6 +71,15 @@ def observation_ids(chat: Any, action_ids: Sequence[int], result: Any) -> list[i
 def experience_ids(chat: Any, experience: str) -> list[int]:
     """Template delta of the experience message (a user message after a non-assistant one)."""
     return list(chat.message_ids(experience_message(experience)))
+
+
+def common_prefix_length(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix of two token sequences (the prefix-sharing measure used by
+    the engines' prefix caches and the samples' ``prefix_len``)."""
+    a, b = np.asarray(a), np.asarray(b)
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if len(diff) else m
 
 
 # --- the builder ----------------------------------------------------------------------------------

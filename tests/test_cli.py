@@ -30,7 +30,8 @@ def test_build_data_writes_samples_and_stats(tmp_path, capsys):
     out = tmp_path / "data" / "samples.npz"
     stats = tmp_path / "stats.json"
     rc = main(["build-data", str(trees), "--out", str(out), "--stats-json", str(stats),
-               "--counterfactual-weight", "0.5", "--counterfactual-steps", "all"])
+               "--counterfactual-weight", "0.5", "--counterfactual-steps", "all",
+               "--guided", "rehearsal"])  # the guided success as rehearsal too (default: left out)
     assert rc == 0
     cols = SampleColumns.load(out)
     # tree a: one rehearsal and one counterfactual with the same tokens, different groups and weights

@@ -4,7 +4,6 @@ fresh one, after a pickle round trip, and as often as wanted from one snapshot."
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import random
 
@@ -22,13 +21,6 @@ CODE_ACTIONS = [
 ]
 
 
-def _has_code_env() -> bool:
-    try:
-        return importlib.util.find_spec("leafe_fast.envs.code") is not None
-    except ImportError:
-        return False
-
-
 CASES = [
     pytest.param(
         "sokoban", {"max_steps": 30}, {"height": 7, "width": 7, "num_boxes": 2, "max_pushes": None},
@@ -36,7 +28,6 @@ CASES = [
     ),
     pytest.param(
         "code", {}, {}, CODE_ACTIONS, 4, 1, id="code",
-        marks=pytest.mark.skipif(not _has_code_env(), reason="leafe_fast.envs.code not written yet"),
     ),
 ]
 

@@ -12,7 +12,7 @@ from leafe_fast.data.schema import TreeFormatError, read_trees
 from leafe_fast.engines.scripted import ScriptedEngine
 from leafe_fast.explore import ExploreConfig, explore
 from leafe_fast.trajectory import experience_message
-from leafe_fast.explore.reflect import MalformedReflection, parse_reflection
+from leafe_fast.explore.reflectors.llm import MalformedReflection, parse_reflection
 
 
 def run(tmp_path, tasks, policy, *, name="trees.jsonl", env=LineEnv, **cfg):
@@ -143,7 +143,7 @@ def test_max_tokens_is_respected_and_counted(tmp_path):
 
 def test_max_depth_ends_a_trajectory_and_triggers_reflection(tmp_path):
     policy = Policy(plan=["stay"], default_reflection={"rollback_step": 1, "experience": "hurry"})
-    _, (tree,), _ = run(tmp_path, [line_task()], policy, max_depth=4, max_branches=2)
+    _, (tree,), _ = run(tmp_path, [line_task()], policy, max_depth=4, max_branches=2, reflect_every=0)
     assert max(n.step for n in tree.nodes) == 3
     assert [r["trigger"] for r in tree.meta["reflections"]] == ["depth", "depth"]
     assert tree.meta["stop_reason"] == "max_branches"
@@ -165,7 +165,7 @@ def test_reflect_every_cadence_counts_steps_since_the_branch_began(tmp_path):
 
 def test_no_reflection_before_failed_termination_when_reflect_every_is_zero(tmp_path):
     policy = Policy(plan=["right"], default_reflection={"rollback_step": 0, "experience": "x"})
-    _, (tree,), _ = run(tmp_path, [line_task(pit=4)], policy, max_branches=1)
+    _, (tree,), _ = run(tmp_path, [line_task(pit=4)], policy, max_branches=1, reflect_every=0)
     assert [(r["trigger"], r["n_steps"]) for r in tree.meta["reflections"]] == [("failed", 4)]
 
 
@@ -275,7 +275,7 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         explore([line_task()], LineEnv(), ScriptedEngine(), FakeChat(), tmp_path / "x.jsonl",
                 ExploreConfig(concurrency=2, progress=False))
     with pytest.raises(ValueError, match="reflector"):
-        ExploreConfig(reflector="oracle").validate()
+        ExploreConfig(reflector="magic").validate()
 
 
 def test_a_malformed_line_in_the_output_file_is_named(tmp_path):
@@ -310,7 +310,7 @@ def test_config_json_and_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"reflector": "grounded", "max_branches": 2, "env_kwargs": {"max_steps": 9}}))
     cfg = ExploreConfig.from_json(path).with_overrides({"max_branches": 5, "reflect_every": None})
-    assert (cfg.reflector, cfg.max_branches, cfg.reflect_every, cfg.env_kwargs) == ("grounded", 5, 0, {"max_steps": 9})
+    assert (cfg.reflector, cfg.max_branches, cfg.reflect_every, cfg.env_kwargs) == ("grounded", 5, 3, {"max_steps": 9})
     path.write_text(json.dumps({"max_branch": 2}))
     with pytest.raises(ValueError, match="unknown key"):
         ExploreConfig.from_json(path)

@@ -101,7 +101,8 @@ class LineEnv:
     def restore(self, snapshot) -> None:
         self.state = snapshot
 
-    def ground_reflection(self, history):
+    def ground_reflection(self, history, mode="diagnosis"):
+        self.grounding_modes = getattr(self, "grounding_modes", []) + [mode]
         g = self.spec.get("ground")
         return None if g is None else GroundedReflection(int(g[0]), str(g[1]))
 

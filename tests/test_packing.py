@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leafe_fast import _C
-from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.data.columns import Sample, SampleColumns
 from leafe_fast.packing import columns_from_labels, pack, pack_reference, target_norms
 
 FIELDS = ("input_ids", "position_ids", "cu_seqlens", "rows", "targets", "weights", "group", "sample_ids")

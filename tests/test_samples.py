@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leafe_fast.data import Node, SampleColumns, Tree, TreeWriter, build_samples
-from leafe_fast.data.samples import build_samples_with_stats
+from leafe_fast.data.recipes import build_samples_with_stats
 
 # Token ranges make every token's role readable from its value in the random-tree tests.
 PROMPT, HEADER, ACTION, OBS, EXP = 1000, 2000, 3000, 4000, 5000
@@ -35,7 +35,7 @@ def _as_pairs(s):
 
 
 def test_hand_tree_token_exact():
-    samples = build_samples([_hand_tree()])
+    samples = build_samples([_hand_tree()], guided="rehearsal")
     got = {(s.group, s.meta["leaf"], s.meta.get("rollback_node")): s for s in samples}
     assert len(samples) == 4
 
@@ -67,7 +67,7 @@ def test_counterfactual_steps_none_supervises_to_the_end():
 
 
 def test_weights_flags_and_stats():
-    samples, stats = build_samples_with_stats([_hand_tree()], weights={1: 0.5}, include_rehearsal=True)
+    samples, stats = build_samples_with_stats([_hand_tree()], weights={1: 0.5}, guided="rehearsal")
     assert {(s.group, s.weight) for s in samples} == {(0, 1.0), (1, 0.5)}
     assert stats.samples == {"rehearsal": 2, "counterfactual": 2}
     assert stats.target_tokens == {"rehearsal": 6, "counterfactual": 3}
@@ -94,11 +94,12 @@ def test_dedup_identical_branches():
         Node(2, -1, 0, [11], [21], done=True, success=True, experience_ids=[91], rollback_from=1, branch=2),
     ]
     tree = Tree("dup", "toy", [1, 2], [7], nodes)
-    kept, stats = build_samples_with_stats([tree])
+    opts = dict(guided="rehearsal", validate_corrections=False)  # n2 repeats n1's action: kept here
+    kept, stats = build_samples_with_stats([tree], **opts)
     assert len(kept) == 2 and stats.duplicates_removed == 2  # n1 and n2 give the same tokens
-    assert len(build_samples([tree], dedup=False)) == 4
+    assert len(build_samples([tree], dedup=False, **opts)) == 4
     # across trees with the same prompt too
-    kept2, stats2 = build_samples_with_stats([tree, tree])
+    kept2, stats2 = build_samples_with_stats([tree, tree], **opts)
     assert len(kept2) == 2 and stats2.duplicates_removed == 6
     assert [s.tree_id for s in kept2] == [0, 0]
 
@@ -106,15 +107,15 @@ def test_dedup_identical_branches():
 def test_max_len_policies():
     tree = _hand_tree()
     with pytest.raises(ValueError, match="max_len=8"):
-        build_samples([tree], max_len=8)
-    dropped, st_drop = build_samples_with_stats([tree], max_len=8, overflow="drop")
+        build_samples([tree], max_len=8, guided="rehearsal")
+    dropped, st_drop = build_samples_with_stats([tree], max_len=8, overflow="drop", guided="rehearsal")
     assert all(len(s) <= 8 for s in dropped) and st_drop.too_long_dropped == 2
-    cut, st_cut = build_samples_with_stats([tree], max_len=8, overflow="truncate")
+    cut, st_cut = build_samples_with_stats([tree], max_len=8, overflow="truncate", guided="rehearsal")
     r3 = next(s for s in cut if s.group == 0 and s.meta["leaf"] == 3)
     assert r3.input_ids.tolist() == [100, 101, 7, 10, 11, 20, 7, 13]  # first 8 tokens; 14, 15 cut
     assert r3.input_ids[r3.target_mask].tolist() == [10, 11, 13]
     assert st_cut.truncated == 2 and st_cut.targets_lost_to_truncation == 2 + 1  # r3: 14, 15; c2: 14
-    only_context, st_ctx = build_samples_with_stats([tree], max_len=4, overflow="truncate")
+    only_context, st_ctx = build_samples_with_stats([tree], max_len=4, overflow="truncate", guided="rehearsal")
     assert st_ctx.too_long_dropped == 1  # c2 cut to [100, 101, 7, 10] keeps no target: dropped, counted
     assert st_ctx.truncated == 1 and all(len(s) <= 4 for s in only_context)
     with pytest.raises(ValueError, match="overflow"):
@@ -127,7 +128,7 @@ def test_reads_trees_jsonl_and_round_trips_columns(tmp_path):
     path = tmp_path / "trees.jsonl"
     with TreeWriter(path) as w:
         w.write(_hand_tree())
-    samples = build_samples(path)
+    samples = build_samples(path, guided="rehearsal")
     assert len(samples) == 4
     cols = SampleColumns.from_samples(samples)
     cols.save(tmp_path / "s.npz")
@@ -170,7 +171,8 @@ def _random_tree(seed: int) -> Tree:
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=4), st.sampled_from([1, 2, None]))
 def test_random_trees_properties(seeds, cf_steps):
     trees = [_random_tree(s) for s in seeds]
-    samples = build_samples(trees, counterfactual_steps=cf_steps, dedup=False)
+    opts = dict(guided="rehearsal", validate_corrections=False)
+    samples = build_samples(trees, counterfactual_steps=cf_steps, dedup=False, **opts)
     n_success = sum(n.success for t in trees for n in t.nodes)
     assert sum(s.group == 0 for s in samples) == n_success  # one rehearsal per successful leaf
     for s in samples:
@@ -188,7 +190,8 @@ def test_random_trees_properties(seeds, cf_steps):
             # targets: exactly the actions of the supervised nodes, the branch first, nothing before it
             path = tree.path(s.meta["leaf"])
             cut = [n.id for n in path].index(s.meta["rollback_node"])
-            k = len(path) - cut if cf_steps is None else min(cf_steps, len(path) - cut)
+            nxt = next((i for i in range(cut + 1, len(path)) if path[i].experience_ids), len(path))
+            k = nxt - cut if cf_steps is None else min(cf_steps, nxt - cut)
             want = [t for n in path[cut : cut + k] for t in n.action_ids]
             assert ids[s.target_mask].tolist() == want
             assert path[cut].experience_ids
@@ -202,6 +205,6 @@ def test_random_trees_properties(seeds, cf_steps):
                 best = max(best, n if eq.all() else int(np.argmin(eq)))
         assert s.prefix_len == best
     # dedup keeps exactly one of each distinct content
-    deduped = build_samples(trees, counterfactual_steps=cf_steps)
+    deduped = build_samples(trees, counterfactual_steps=cf_steps, **opts)
     distinct = {(s.group, s.input_ids.tobytes(), s.target_mask.tobytes()) for s in samples}
     assert len(deduped) == len(distinct)

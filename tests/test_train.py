@@ -345,7 +345,7 @@ def test_cuda_bf16_training_tracks_cpu_fp32():
 
 def test_trainer_reports_samples_the_packer_skipped():
     """A sample with no target teaches nothing and is not packed; the trainer says so (never silently)."""
-    from leafe_fast.data.sample import Sample, SampleColumns
+    from leafe_fast.data.columns import Sample, SampleColumns
 
     tok, cfg = tiny("qwen2")
     cols = random_samples(4, len(tok), seed=3)

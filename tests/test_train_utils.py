@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.data.columns import Sample, SampleColumns
 
 
 def random_samples(n: int, vocab: int, lo: int = 4, hi: int = 40, seed: int = 0) -> SampleColumns:

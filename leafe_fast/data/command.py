@@ -1,10 +1,14 @@
-"""``leafe-fast build-data``: trees.jsonl -> rehearsal + counterfactual samples (.npz).
+"""``leafe-fast build-data``: trees.jsonl -> training samples (.npz), by recipe.
 
-    leafe-fast build-data runs/x/trees.jsonl --out runs/x/samples.npz --counterfactual-steps 1
+    leafe-fast build-data runs/x/trees.jsonl --out runs/x/samples.npz                      # LEAFE
+    leafe-fast build-data runs/x/trees.jsonl --out runs/x/rehearsal.npz --recipe rehearsal-only
+    leafe-fast build-data runs/rs/trees.jsonl --out runs/rs/samples.npz --recipe rejection-sampling
 
-The output is ``SampleColumns.save`` (one .npz, written atomically), read by ``leafe-fast train``.
-The statistics (samples per kind, target-token share, lengths, what was left out) are printed and,
-with ``--stats-json``, written as JSON.
+The flags come from ``leafe_fast.data.recipes.BuildConfig``. The output is ``SampleColumns.save``
+(one .npz, written atomically), read by ``leafe-fast train``. The statistics (samples and target
+tokens per group, dropped corrections, failed branches, lengths) are printed and, with
+``--stats-json``, written as JSON. No trees, or no sample out of them, is an error (exit 2) unless
+``--allow-empty``: an empty file must not look like valid training data.
 """
 
 from __future__ import annotations
@@ -12,72 +16,74 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-
-def _steps(value: str) -> int | None:
-    if value.lower() in ("all", "none"):
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
-    return n
+from leafe_fast.errors import UserError
+from leafe_fast.flags import add_config_flags, config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from leafe_fast.data.recipes import BuildConfig
+
     p.add_argument("trees", nargs="+", type=Path, help="trees.jsonl file(s) written by `leafe-fast explore`")
     p.add_argument("--out", type=Path, required=True, help="output samples file (.npz)")
-    p.add_argument("--counterfactual-steps", type=_steps, default=1, metavar="K|all",
-                   help="corrected steps supervised after each rollback point (default 1; 'all': to the end)")
-    p.add_argument("--no-rehearsal", action="store_true", help="leave out rehearsal samples (group 0)")
-    p.add_argument("--no-counterfactual", action="store_true", help="leave out counterfactual samples (group 1)")
-    p.add_argument("--no-dedup", action="store_true", help="keep samples with identical tokens and targets")
-    p.add_argument("--rehearsal-weight", type=float, default=1.0, help="loss weight of rehearsal samples")
-    p.add_argument("--counterfactual-weight", type=float, default=1.0, help="loss weight of counterfactual samples")
-    p.add_argument("--max-len", type=int, default=None, help="longest sample in tokens (default: no limit)")
-    p.add_argument("--overflow", choices=("error", "drop", "truncate"), default="error",
-                   help="what to do with a sample longer than --max-len (default: error)")
     p.add_argument("--stats-json", type=Path, default=None, help="also write the statistics as JSON here")
+    group = p.add_argument_group("samples (BuildConfig)")
+    add_config_flags(group, BuildConfig, exclude=("counterfactual_steps",))
+    steps = next(f for f in fields(BuildConfig) if f.name == "counterfactual_steps")
+    # by hand only to check K|all at parse time (one line, exit 2); the field stays the one default
+    group.add_argument("--counterfactual-steps", dest="counterfactual_steps", type=_steps, default=None,
+                       metavar="K|all", help=f"{steps.metadata['help']} (default: {steps.default})")
+
+
+def _steps(text: str) -> str:
+    from leafe_fast.data.recipes import parse_counterfactual_steps
+
+    try:
+        parse_counterfactual_steps(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(e.problem) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
-    from leafe_fast.data.sample import SampleColumns
-    from leafe_fast.data.samples import build_samples_with_stats
-    from leafe_fast.data.schema import TreeFormatError, iter_trees
+    from leafe_fast.data.columns import SampleColumns
+    from leafe_fast.data.recipes import BuildConfig, build_recipe, parse_counterfactual_steps
+    from leafe_fast.data.schema import read_trees
 
-    missing = [str(p) for p in args.trees if not p.exists()]
-    if missing:
-        print(f"leafe-fast build-data: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+    config = config_from_args(BuildConfig, args, exclude=("counterfactual_steps",))
+    if args.counterfactual_steps is not None:
+        config.counterfactual_steps = args.counterfactual_steps
+    parse_counterfactual_steps(config.counterfactual_steps, "--counterfactual-steps")
+    for path in args.trees:
+        if not path.exists():
+            raise UserError(str(path), "no such file", "pass the trees.jsonl written by `leafe-fast explore`")
+        if path.is_dir():
+            raise UserError(str(path), "is a directory, not a trees.jsonl file", "pass the file explore wrote")
+    if args.out.is_dir():
+        raise UserError("--out", f"{args.out} is a directory", "pass a file path, e.g. runs/x/samples.npz")
 
-    def all_trees():
-        for path in args.trees:
-            yield from iter_trees(path)
-
-    try:
-        samples, stats = build_samples_with_stats(
-            all_trees(),
-            counterfactual_steps=args.counterfactual_steps,
-            include_rehearsal=not args.no_rehearsal,
-            include_counterfactual=not args.no_counterfactual,
-            dedup=not args.no_dedup,
-            weights={0: args.rehearsal_weight, 1: args.counterfactual_weight},
-            max_len=args.max_len,
-            overflow=args.overflow,
-        )
-    except (TreeFormatError, ValueError) as e:
-        print(f"leafe-fast build-data: {e}", file=sys.stderr)
-        return 2
+    trees = [t for path in args.trees for t in read_trees(path)]
+    source = ", ".join(map(str, args.trees))
+    if not trees and not config.allow_empty:
+        raise UserError(source, "holds no trees", "run `leafe-fast explore` into it first (or pass --allow-empty)")
+    samples, stats = build_recipe(trees, config, source=source)
+    if not samples and not config.allow_empty:
+        why = "no tree reached a success" if not stats.trees_with_success else "every sample was left out"
+        raise UserError(source, f"gives no {config.recipe} samples ({why}); {' '.join(stats.summary().split())}",
+                        "explore more tasks or with a larger budget (or pass --allow-empty)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     SampleColumns.from_samples(samples).save(args.out)
     print(stats.summary())
     print(f"wrote {len(samples)} samples to {args.out}")
     if not samples:
-        print("warning: no samples (no tree reached a success)", file=sys.stderr)
+        print("warning: the samples file is empty (--allow-empty)", file=sys.stderr)
     if args.stats_json is not None:
+        if args.stats_json.is_dir():
+            raise UserError("--stats-json", f"{args.stats_json} is a directory", "pass a file path")
         args.stats_json.parent.mkdir(parents=True, exist_ok=True)
-        args.stats_json.write_text(json.dumps(stats.as_dict(), indent=2))
+        tmp = args.stats_json.with_name(args.stats_json.name + ".tmp")
+        tmp.write_text(json.dumps(stats.as_dict(), indent=2))
+        tmp.replace(args.stats_json)
     return 0

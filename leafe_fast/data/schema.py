@@ -31,11 +31,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from leafe_fast.errors import UserError
+
 SCHEMA = "leafe.tree/1"
+_MAX_ID = 2**31 - 1  # token ids are stored as int32
 
 
-class TreeFormatError(ValueError):
-    """A trees.jsonl line that does not follow ``leafe.tree/1``; the message names the line."""
+class TreeFormatError(UserError):
+    """A trees.jsonl line that does not follow ``leafe.tree/1``; the message names the file and line."""
+
+    def __init__(self, where: str, problem: str | None = None, fix: str | None = None):
+        if problem is None:  # one preformatted message
+            where, problem = "", where
+        super().__init__(where, problem, fix)
 
 
 @dataclass
@@ -53,8 +61,17 @@ class Node:
     feedback: str = ""
     experience_ids: list[int] | None = None
     experience: str | None = None
-    rollback_from: int | None = None  # node whose reflection created this branch
-    branch: int = 0  # 0 = the first rollout, k = the k-th branch of the task
+    rollback_from: int | None = None  # node whose reflection created this branch (None: not a branch start)
+    branch: int = 0  # 0 = the first rollout, k = the k-th branch (or independent rollout) of the task
+    invalid: bool = False  # the env flagged the action invalid (StepResult.info["invalid"]): unparseable
+    noop: bool = False  # the env flagged it a no-op (info["noop"]): valid but changed nothing (a wall bump)
+    parsed_action: str | None = None  # the env's canonical reading of the action (info["action"]), if any
+    truncated: bool = False  # generation stopped at the action token limit, not at an end-of-turn token
+
+    @property
+    def is_branch_start(self) -> bool:
+        """The first node after a rollback (its experience message, if any, sits right before it)."""
+        return self.rollback_from is not None or bool(self.experience_ids)
 
 
 @dataclass
@@ -105,11 +122,16 @@ class Tree:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Tree":
+    def from_dict(cls, d: Any) -> "Tree":
+        if not isinstance(d, dict):
+            raise TreeFormatError(f"expected a JSON object (one tree), got {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise TreeFormatError(f"schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        raw_nodes = d.get("nodes")
+        if not isinstance(raw_nodes, list) or not all(isinstance(n, dict) for n in raw_nodes):
+            raise TreeFormatError("'nodes' must be a list of JSON objects")
         try:
-            nodes = [Node(**n) for n in d["nodes"]]
+            nodes = [Node(**n) for n in raw_nodes]
             tree = cls(**{**d, "nodes": nodes})
         except (KeyError, TypeError) as e:
             raise TreeFormatError(f"bad tree record: {e}") from e
@@ -117,6 +139,17 @@ class Tree:
         return tree
 
     def validate(self) -> None:
+        """Structure and types; raises ``TreeFormatError`` naming the task and node."""
+        _check_ids(self.prompt_ids, f"task {self.task_id}: prompt_ids")
+        _check_ids(self.header_ids, f"task {self.task_id}: header_ids")
+        for n in self.nodes:
+            for name in ("action_ids", "observation_ids"):
+                _check_ids(getattr(n, name), f"task {self.task_id}: node {n.id} {name}")
+            if n.experience_ids is not None:
+                _check_ids(n.experience_ids, f"task {self.task_id}: node {n.id} experience_ids")
+            if isinstance(n.id, bool) or not isinstance(n.id, int) or isinstance(n.parent, bool) \
+                    or not isinstance(n.parent, int) or isinstance(n.step, bool) or not isinstance(n.step, int):
+                raise TreeFormatError(f"task {self.task_id}: node ids, parents and steps must be integers")
         ids = [n.id for n in self.nodes]
         if ids != list(range(len(ids))):
             raise TreeFormatError(f"task {self.task_id}: node ids must be 0..n-1 in order")
@@ -126,6 +159,14 @@ class Tree:
             want = 0 if n.parent == -1 else self.nodes[n.parent].step + 1
             if n.step != want:
                 raise TreeFormatError(f"task {self.task_id}: node {n.id} step {n.step} != {want}")
+
+
+def _check_ids(ids: Any, where: str) -> None:
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise TreeFormatError(f"{where} must be a list of integers")
+    if ids and (min(ids) < 0 or max(ids) > _MAX_ID):
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise TreeFormatError(f"{where} holds token id {bad}, outside [0, {_MAX_ID}]")
 
 
 def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
@@ -138,6 +179,8 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
     path = Path(path)
     if not path.exists():
         return
+    if path.is_dir():
+        raise TreeFormatError(str(path), "is a directory, not a trees.jsonl file", "pass the file explore wrote")
     with path.open("rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -157,20 +200,34 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
             continue
         try:
             record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise TreeFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise TreeFormatError(f"{path}:{lineno}", f"not valid JSON ({msg})",
+                                  "pass a trees.jsonl written by `leafe-fast explore`") from None
         try:
             yield Tree.from_dict(record)
         except TreeFormatError as e:
-            raise TreeFormatError(f"{path}:{lineno}: {e}") from e
+            raise TreeFormatError(f"{path}:{lineno}", e.problem, e.fix) from None
 
 
 def _is_json(raw: bytes) -> bool:
     try:
         json.loads(raw)
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
         return False
     return True
+
+
+def _lock(f: Any, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(str(path), "is in use by another run (locked)",
+                        "wait for that run to finish or pass a different --out") from None
 
 
 def read_trees(path: str | os.PathLike) -> list[Tree]:
@@ -182,14 +239,24 @@ class TreeWriter:
 
     A partial last line left by an earlier killed run is cut away on open, so new records start
     on a line of their own; a complete last record that only lacks its newline gets one.
+
+    The file is locked (``flock``, exclusive) while the writer is open: a second run on the same file
+    gets a ``UserError`` instead of writing every task twice. The lock dies with the process.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(str(self.path), "is a directory", "pass a file path for the trees, e.g. runs/x/trees.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.finished: set[str] = {t.task_id for t in iter_trees(self.path)}
-        self._truncate_partial_tail()
         self._f = self.path.open("ab")
+        try:
+            _lock(self._f, self.path)
+            self.finished: set[str] = {t.task_id for t in iter_trees(self.path)}
+            self._truncate_partial_tail()
+        except BaseException:
+            self._f.close()
+            raise
 
     def _truncate_partial_tail(self) -> None:
         if not self.path.exists():

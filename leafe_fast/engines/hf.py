@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from leafe_fast.engines.base import GenerationRequest, GenerationResult, SamplingParams
+from leafe_fast.trajectory import common_prefix_length
 
 __all__ = ["HFEngine", "PrefixKVCache", "EngineStats"]
 
@@ -77,18 +78,12 @@ class PrefixKVCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @staticmethod
-    def _lcp(a: np.ndarray, b: np.ndarray) -> int:
-        m = min(len(a), len(b))
-        diff = np.flatnonzero(a[:m] != b[:m])
-        return int(diff[0]) if len(diff) else m
-
     def lookup(self, ids: Sequence[int]) -> tuple[int, KV | None]:
         """(length, KV) of the longest cached prefix of ``ids``; (0, None) if none."""
         arr = np.asarray(ids, dtype=np.int64)
         best_key, best_len = None, 0
         for key, (stored, _) in self._entries.items():
-            n = self._lcp(arr, stored)
+            n = common_prefix_length(arr, stored)
             if n > best_len:
                 best_key, best_len = key, n
         if best_key is None:
@@ -105,7 +100,7 @@ class PrefixKVCache:
             raise ValueError(f"KV holds {kv[0][0].shape[-2]} positions for {n} tokens")
         arr = np.asarray(ids, dtype=np.int64)
         for key, (stored, _) in list(self._entries.items()):
-            lcp = self._lcp(arr, stored)
+            lcp = common_prefix_length(arr, stored)
             if lcp == n:  # already covered by a longer (or equal) entry
                 self._entries.move_to_end(key)
                 return

@@ -27,6 +27,16 @@ class Task:
 
 @dataclass
 class StepResult:
+    """One step's outcome. ``info`` keys the pipeline reads (all optional):
+
+    - ``"invalid"`` (bool): the action could not be parsed or is not a legal action at all;
+    - ``"noop"`` (bool): a valid action that changed nothing (walking into a wall);
+    - ``"action"`` (str): the env's canonical reading of the action (e.g. ``"up"`` for "Move up.").
+
+    Stage 2 masks ``invalid``/``noop`` actions out of the targets where the env's registry entry asks
+    for it and drops corrections that are invalid, no-ops or equal to the abandoned action.
+    """
+
     observation: Observation
     reward: float
     done: bool

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from leafe_fast.envs.base import Env, Task
+
+
+DEFAULT_ACTION_TOKENS = 128  # action token limit of an env registered without one
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class EnvEntry:
     make: Callable[..., Env]
     tasks: Callable[..., list[Task]]
     description: str = ""
+    action_tokens: int = DEFAULT_ACTION_TOKENS  # token limit of one action (exploration and evaluation)
+    mask_invalid_actions: bool = False  # Stage-2 default: invalid / no-op moves are not training targets
 
 
 _ENTRIES: dict[str, EnvEntry] = {}
@@ -38,11 +44,21 @@ def register_env(
     tasks: Callable[..., list[Task]],
     description: str = "",
     overwrite: bool = False,
+    *,
+    action_tokens: int = DEFAULT_ACTION_TOKENS,
+    mask_invalid_actions: bool = False,
 ) -> None:
-    """Add an environment. ``tasks(split=, n=, seed=, **kwargs)`` must give disjoint splits."""
+    """Add an environment. ``tasks(split=, n=, seed=, **kwargs)`` must give disjoint splits.
+
+    ``action_tokens``: the longest action the env expects (a move: a few tokens; a program: many);
+    exploration and evaluation cut generation there and warn when it happens. ``mask_invalid_actions``:
+    whether Stage 2 by default leaves actions the env flagged ``info["invalid"]``/``info["noop"]`` out
+    of the training targets."""
     if name in _ENTRIES and not overwrite:
         raise ValueError(f"environment {name!r} is already registered (pass overwrite=True to replace it)")
-    _ENTRIES[name] = EnvEntry(make, tasks, description)
+    if action_tokens < 1:
+        raise ValueError(f"register_env: action_tokens must be >= 1, got {action_tokens}")
+    _ENTRIES[name] = EnvEntry(make, tasks, description, action_tokens, mask_invalid_actions)
 
 
 def available_envs() -> list[str]:
@@ -54,6 +70,50 @@ def _entry(name: str) -> EnvEntry:
     if name not in _ENTRIES:
         raise KeyError(f"unknown environment {name!r}; registered: {', '.join(available_envs())}")
     return _ENTRIES[name]
+
+
+def action_token_limit(name: str) -> int:
+    """The env's action token limit (``DEFAULT_ACTION_TOKENS`` for names not registered)."""
+    entry = _ENTRIES.get(name)
+    return entry.action_tokens if entry is not None else DEFAULT_ACTION_TOKENS
+
+
+def masks_invalid_actions(name: str) -> bool:
+    """Whether Stage 2 masks the env's invalid / no-op actions by default (False for unknown names)."""
+    entry = _ENTRIES.get(name)
+    return entry.mask_invalid_actions if entry is not None else False
+
+
+def check_task_args(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``UserError`` for keys the env's task list does not take, before anything expensive runs."""
+    _check_args(name, _entry(name).tasks, kwargs, "--task-arg", {"split", "n", "seed"})
+
+
+def check_env_args(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``UserError`` for keys the env's constructor does not take (checked without building it)."""
+    _check_args(name, _entry(name).make, kwargs, "--env-arg", set())
+
+
+def _check_args(name: str, fn: Callable[..., Any], kwargs: dict[str, Any], flag: str, reserved: set[str]) -> None:
+    from leafe_fast.errors import UserError
+
+    taken = sorted(set(kwargs) & reserved)
+    if taken:
+        raise UserError(flag, f"{taken} is set by its own flag, not by {flag}", f"drop {flag} {taken[0]}=...")
+    target = getattr(fn, "target", None)
+    try:
+        target = target() if callable(target) else fn
+        sig = inspect.signature(target)
+    except (ImportError, TypeError, ValueError):
+        return  # an optional package is missing or the signature is hidden: the call itself will say
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - reserved
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise UserError(flag, f"environment {name!r} does not take {unknown}",
+                        f"use only {sorted(accepted) or 'no extra arguments'}")
 
 
 def make_env(name: str, **kwargs: Any) -> Env:
@@ -79,6 +139,7 @@ def _lazy(module: str, attr: str) -> Callable[..., Any]:
         return target(*args, **kwargs)
 
     call.__name__ = f"{module}.{attr}"
+    call.target = lambda: getattr(importlib.import_module(module), attr)  # for argument checks
     return call
 
 
@@ -101,6 +162,8 @@ register_env(
     _lazy("leafe_fast.envs.sokoban", "SokobanEnv"),
     _lazy("leafe_fast.envs.sokoban", "sokoban_tasks"),
     "procedural, solver-checked Sokoban levels with deadlock feedback",
+    action_tokens=32,
+    mask_invalid_actions=True,
 )
 def _code_tasks(split: str, n: int, seed: int, path: str | None = None, **kwargs: Any) -> list[Task]:
     """The code env's own ``list_tasks`` when it has one; otherwise the shipped problems (or the
@@ -128,6 +191,7 @@ register_env(
     _lazy("leafe_fast.envs.code", "CodeEnv"),
     _code_tasks,
     "programming problems with public and hidden tests, run in a sandbox",
+    action_tokens=1024,
 )
 for _name, _attr, _text in [
     ("alfworld", "ALFWorldEnv", "ALFWorld household text games (pip install alfworld)"),

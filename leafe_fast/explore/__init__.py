@@ -7,9 +7,9 @@ returns. Reflectors: ``LLMReflector`` (strict JSON from the policy) and ``Ground
 """
 
 from leafe_fast.explore.config import ExploreConfig
-from leafe_fast.explore.grounded import GroundedReflector
+from leafe_fast.explore.reflectors.grounded import GroundedReflector
 from leafe_fast.explore.loop import explore
-from leafe_fast.explore.reflect import LLMReflector, MalformedReflection, parse_reflection
+from leafe_fast.explore.reflectors.llm import LLMReflector, MalformedReflection, parse_reflection
 from leafe_fast.explore.summary import ExploreSummary
 
 __all__ = [

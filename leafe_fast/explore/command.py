@@ -1,13 +1,16 @@
-"""``leafe-fast explore``: Stage-1 reflective tree exploration -> trees.jsonl.
+"""``leafe-fast explore``: Stage-1 exploration -> trees.jsonl (LEAFE, or independent rollouts).
 
     leafe-fast explore --env sokoban --tasks 8 --split train --engine hf --model tiny \\
         --out runs/x/trees.jsonl --reflector grounded --reflect-every 3 --max-branches 4
+    leafe-fast explore --mode independent --budget-from runs/x/trees.jsonl ...   # the RS baseline's data
 
 ``--model tiny`` builds a random tiny Qwen2-style model and tokenizer in-process (for CPU smoke runs;
 its actions are noise, so use ``--reflector grounded``). Otherwise ``--model`` is a local directory.
 ``--config cfg.json`` holds the same settings as JSON: ``ExploreConfig`` fields (``max_branches``,
-``reflect_every``, ...) and the run keys ``env, tasks, split, task_seed, engine, model, out``; flags
-given on the command line override it. Rerunning with the same ``--out`` skips finished tasks.
+``reflect_every``, ...) and ``ExploreRun`` fields (``env``, ``tasks``, ``out``, ...); flags given on
+the command line override it. Rerunning with the same ``--out`` skips finished tasks; a second run
+on an ``--out`` in use stops. Every input mistake (config types, unknown ``--task-arg``/``--env-arg``
+keys, a locked or malformed ``--out``) is reported before the model loads.
 """
 
 from __future__ import annotations
@@ -15,22 +18,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from leafe_fast.explore.config import INVALID_STEP_POLICIES, REFLECTORS, ExploreConfig
+from leafe_fast.errors import UserError
+from leafe_fast.explore.config import ExploreConfig, read_json_object
+from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict
 
-# run keys a config file may hold besides ExploreConfig's fields, with their defaults
-RUN_DEFAULTS: dict[str, Any] = {
-    "env": None, "tasks": 8, "split": "train", "task_seed": 0, "engine": "hf", "model": None,
-    "out": None, "device": None, "dtype": None, "tiny_style": "qwen2", "engine_url": None,
-}
-# flag dest -> ExploreConfig field
-CONFIG_FLAGS = (
-    "reflector", "reflect_every", "reflect_retries", "invalid_step", "reflect_max_new_tokens",
-    "max_branches", "max_steps", "max_tokens", "max_depth", "max_context_tokens", "temperature", "top_p",
-    "max_new_tokens", "seed", "concurrency", "env_workers",
-)
+
+@dataclass
+class ExploreRun:
+    """What to explore with which model, and where to write it (the run's settings besides ExploreConfig)."""
+
+    env: str | None = field(default=None, metadata={
+        "help": "environment name (sokoban, code, ...); see leafe_fast.envs.registry"})
+    tasks: int = field(default=8, metadata={"help": "number of tasks to explore", "min": 1})
+    split: str = field(default="train", metadata={"help": "task split", "choices": ("train", "val", "test")})
+    task_seed: int = field(default=0, metadata={"help": "seed of the task list"})
+    engine: str = field(default="hf", metadata={"help": "rollout engine", "choices": ("hf", "sglang")})
+    model: str | None = field(default=None, metadata={
+        "help": "local model directory, or 'tiny' (random tiny model, CPU smoke runs)"})
+    tiny_style: str = field(default="qwen2", metadata={"help": "chat template of --model tiny",
+                                                       "choices": ("qwen2", "llama3")})
+    engine_url: str | None = field(default=None, metadata={
+        "help": "sglang: URL of a running SGLang server instead of an in-process engine"})
+    device: str | None = field(default=None, metadata={"help": "hf: torch device (none: the model's)"})
+    dtype: str | None = field(default=None, metadata={"help": "hf: model dtype",
+                                                      "choices": ("float32", "bfloat16", "float16")})
+    out: Path | None = field(default=None, metadata={
+        "help": "output trees.jsonl (appended; finished tasks are skipped; locked while a run writes it)"})
+    task_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "extra arguments of the env's task list (--task-arg KEY=VALUE)", "cli": False})
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -44,145 +63,121 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    run = p.add_argument_group("run")
-    run.add_argument("--env", help="environment name (sokoban, code, ...); see leafe_fast.envs.registry")
-    run.add_argument("--tasks", type=int, help="number of tasks to explore (default 8)")
-    run.add_argument("--split", choices=("train", "val", "test"), help="task split (default train)")
-    run.add_argument("--task-seed", type=int, help="seed of the task list (default 0)")
+    run = p.add_argument_group("run (ExploreRun)")
+    add_config_flags(run, ExploreRun)
     run.add_argument("--task-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                     help="extra argument of the env's task list, e.g. num_boxes=2 (repeatable)")
+                     help="extra argument of the env's task list, e.g. num_boxes=2 or difficulty=hard (repeatable)")
     run.add_argument("--env-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="extra argument of the env constructor, e.g. max_steps=40 (repeatable)")
-    run.add_argument("--engine", choices=("hf", "sglang"), help="rollout engine (default hf)")
-    run.add_argument("--model", help="local model directory, or 'tiny' (random tiny model, CPU smoke runs)")
-    run.add_argument("--tiny-style", choices=("qwen2", "llama3"), help="chat template of --model tiny")
-    run.add_argument("--engine-url", help="sglang: URL of a running SGLang server instead of an in-process engine")
-    run.add_argument("--device", help="hf: torch device (default: the model's)")
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: model dtype")
-    run.add_argument("--out", type=Path, help="output trees.jsonl (appended; finished tasks are skipped)")
     run.add_argument("--config", type=Path, help="JSON file with these settings; flags override it")
     run.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
-
     cfg = p.add_argument_group("exploration (ExploreConfig)")
-    cfg.add_argument("--reflector", choices=REFLECTORS, help="llm: the policy reflects in JSON; grounded: the env does")
-    cfg.add_argument("--reflect-every", type=int, help="reflect every K steps of a branch (0: only on failure)")
-    cfg.add_argument("--reflect-retries", type=int, help="retries after a malformed reflection reply")
-    cfg.add_argument("--invalid-step", choices=INVALID_STEP_POLICIES, help="out-of-range rollback step policy")
-    cfg.add_argument("--reflect-max-new-tokens", type=int, help="token limit of one reflection reply")
-    cfg.add_argument("--max-branches", type=int, help="rollbacks per task")
-    cfg.add_argument("--max-steps", type=int, help="env steps per task, all branches together")
-    cfg.add_argument("--max-tokens", type=int, help="generated tokens per task (actions and reflections)")
-    cfg.add_argument("--max-depth", type=int, help="steps of one trajectory")
-    cfg.add_argument("--max-context-tokens", type=int, help="prompt + new tokens of one request")
-    cfg.add_argument("--temperature", type=float, help="sampling temperature of actions")
-    cfg.add_argument("--top-p", type=float, help="nucleus sampling of actions")
-    cfg.add_argument("--max-new-tokens", type=int, help="token limit of one action")
-    cfg.add_argument("--seed", type=int, help="sampling seed (per task and request)")
-    cfg.add_argument("--concurrency", type=int, help="tasks in flight (one engine batch per round)")
-    cfg.add_argument("--env-workers", type=int, help="threads stepping envs between rounds")
-    cfg.add_argument("--stop-on-success", dest="stop_on_success", action="store_true", default=None,
-                     help="end a task at its first success (default)")
-    cfg.add_argument("--no-stop-on-success", dest="stop_on_success", action="store_false",
-                     help="keep exploring after a success (reflects on it)")
-    cfg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(cfg, ExploreConfig)
 
 
-def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], ExploreConfig]:
-    """(run settings, ExploreConfig) from defaults < config file < flags."""
+def resolve(args: argparse.Namespace) -> tuple[ExploreRun, ExploreConfig]:
+    """(run settings, ExploreConfig) from defaults < config file < flags; input mistakes are UserErrors."""
     file_data: dict[str, Any] = {}
-    if args.config is not None:
-        if not args.config.exists():
-            raise FileNotFoundError(f"--config {args.config} does not exist")
-        try:
-            file_data = json.loads(args.config.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.config}: not valid JSON ({e.msg} at line {e.lineno})") from e
-        if not isinstance(file_data, dict):
-            raise ValueError(f"{args.config}: the config must be a JSON object")
-    run = {k: file_data.pop(k, v) for k, v in RUN_DEFAULTS.items()}
-    for key in RUN_DEFAULTS:
-        flag = getattr(args, key, None)
-        if flag is not None:
-            run[key] = flag
-    config = ExploreConfig.from_dict(file_data, source=str(args.config or "config"))
-    overrides = {k: getattr(args, k, None) for k in CONFIG_FLAGS}
-    overrides["stop_on_success"] = args.stop_on_success
-    if args.no_progress:
-        overrides["progress"] = False
+    source = "config"
+    if getattr(args, "config", None) is not None:
+        source = str(args.config)
+        file_data = read_json_object(args.config)
+    run_keys = {f.name for f in fields(ExploreRun)}
+    run_data = {k: v for k, v in file_data.items() if k in run_keys}
+    cfg_data = {k: v for k, v in file_data.items() if k not in run_keys}
+    run = config_from_args(ExploreRun, args, config_from_dict(ExploreRun, run_data, source=source))
+    config = ExploreConfig.from_dict(cfg_data, source=source)
+    config = config_from_args(ExploreConfig, args, config)
     if args.env_arg:
-        overrides["env_kwargs"] = {**config.env_kwargs, **dict(args.env_arg)}
-    config = config.with_overrides(overrides)
-    run["task_args"] = dict(args.task_arg)
+        config.env_kwargs = {**config.env_kwargs, **dict(args.env_arg)}
+    try:
+        config.validate()
+    except UserError as e:
+        raise UserError("--" + e.where.split(".", 1)[-1].replace("_", "-"), e.problem, e.fix) from None
+    run.task_args = {**run.task_args, **dict(args.task_arg)}
     for key in ("env", "model", "out"):
-        if not run[key]:
-            raise ValueError(f"--{key} is required (as a flag or in the --config file)")
+        if not getattr(run, key):
+            raise UserError(f"--{key}", "is required", f"pass --{key} or set {key!r} in the --config file")
     return run, config
 
 
-def build_engine(run: dict[str, Any]):
+def check_inputs(run: ExploreRun, config: ExploreConfig):
+    """Everything that can be checked without the model: env name, task and env arguments, the task
+    list itself, and the output file (a directory, a malformed line, another run's lock). Returns the tasks."""
+    from leafe_fast.data.schema import TreeWriter
+    from leafe_fast.envs.registry import available_envs, check_env_args, check_task_args, list_tasks
+
+    if run.env not in available_envs():
+        raise UserError("--env", f"unknown environment {run.env!r}", f"choose one of {available_envs()}")
+    check_task_args(run.env, run.task_args)
+    check_env_args(run.env, config.env_kwargs)
+    try:
+        tasks = list_tasks(run.env, run.split, run.tasks, seed=run.task_seed, **run.task_args)
+    except TypeError as e:  # an env whose task list hides its signature behind **kwargs
+        raise UserError("--task-arg", str(e), "see the env's task list for the keys it takes") from None
+    if not tasks:
+        raise UserError("--tasks", f"environment {run.env!r} has no {run.split!r} tasks", "choose another split")
+    TreeWriter(run.out).close()  # a probe: raises if --out is a directory, malformed or in use
+    return tasks
+
+
+def build_engine(run: ExploreRun):
     """(engine, tokenizer) for the run settings."""
     import torch
 
     from leafe_fast.engines import make_engine
 
-    dtype = getattr(torch, run["dtype"]) if run["dtype"] else None
-    if run["engine"] == "sglang":
+    dtype = getattr(torch, run.dtype) if run.dtype else None
+    if run.engine == "sglang":
         # the tokenizer (chat template) comes from the local --model directory in both modes
         from leafe_fast.engines.sglang import import_sglang
 
-        if not run["engine_url"]:
-            import_sglang()  # fail early, with the install hint
-        if not Path(run["model"]).is_dir():
-            raise FileNotFoundError(f"--model {run['model']!r} is not a local directory (needed for its tokenizer)")
+        if not run.engine_url:
+            try:
+                import_sglang()  # fail early, with the install hint
+            except ImportError as e:
+                raise UserError("--engine sglang", str(e)) from None
+        if not Path(run.model).is_dir():
+            raise UserError("--model", f"{run.model!r} is not a local directory", "it is needed for its tokenizer")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(run["model"])
-        kw = {"url": run["engine_url"]} if run["engine_url"] else {"model_path": run["model"]}
+        tokenizer = AutoTokenizer.from_pretrained(run.model)
+        kw = {"url": run.engine_url} if run.engine_url else {"model_path": run.model}
         return make_engine("sglang", tokenizer=tokenizer, **kw), tokenizer
-    if run["model"] == "tiny":
+    if run.model == "tiny":
         from leafe_fast.tiny import tiny_model, tiny_tokenizer
 
-        tokenizer = tiny_tokenizer(run["tiny_style"])
-        model = tiny_model(tokenizer, "llama" if run["tiny_style"] == "llama3" else "qwen2")
+        tokenizer = tiny_tokenizer(run.tiny_style)
+        model = tiny_model(tokenizer, "llama" if run.tiny_style == "llama3" else "qwen2")
     else:
-        if not Path(run["model"]).exists():
-            raise FileNotFoundError(f"--model {run['model']!r} is not a local directory (or 'tiny')")
+        if not Path(run.model).is_dir():
+            raise UserError("--model", f"{run.model!r} is not a local directory", "pass a model directory or 'tiny'")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(run["model"])
-        model = AutoModelForCausalLM.from_pretrained(run["model"], dtype=dtype or "auto")
-    return make_engine("hf", model=model, tokenizer=tokenizer, device=run["device"], dtype=dtype), tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(run.model)
+        model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype or "auto")
+    return make_engine("hf", model=model, tokenizer=tokenizer, device=run.device, dtype=dtype), tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
-    from leafe_fast.envs.registry import list_tasks
     from leafe_fast.explore.loop import explore
 
+    settings, config = resolve(args)
+    tasks = check_inputs(settings, config)
+    engine, tokenizer = build_engine(settings)
     try:
-        settings, config = resolve(args)
-        tasks = list_tasks(settings["env"], settings["split"], settings["tasks"], seed=settings["task_seed"],
-                           **settings["task_args"])
-        engine, tokenizer = build_engine(settings)
-    except (ValueError, KeyError, OSError, ImportError) as e:
-        print(f"leafe-fast explore: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = explore(tasks, settings["env"], engine, tokenizer, settings["out"], config)
+        summary = explore(tasks, settings.env, engine, tokenizer, settings.out, config)
     except KeyboardInterrupt:
-        print(f"leafe-fast explore: interrupted; finished trees are in {settings['out']}, rerun to resume",
+        print(f"leafe-fast explore: interrupted; finished trees are in {settings.out}, rerun to resume",
               file=sys.stderr)
         return 130
-    except ValueError as e:  # e.g. a malformed line in an existing --out file (the error names it)
-        print(f"leafe-fast explore: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"leafe-fast explore: {e}\nfinished trees are in {settings['out']}; rerun to resume", file=sys.stderr)
-        return 1
     finally:
         engine.close()
     if not config.progress:
         print(summary.format())
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        args.summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        tmp = args.summary_json.with_name(args.summary_json.name + ".tmp")
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        tmp.replace(args.summary_json)
     return 0

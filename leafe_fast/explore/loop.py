@@ -8,7 +8,11 @@ its result (optionally on ``env_workers`` threads). A task that finishes is writ
 
 Resuming: the ids already in the output file are skipped, so a killed run rerun with the same
 arguments loses no finished tree and writes none twice. Trees of tasks in flight at the kill are
-redone from scratch (with the same seeds, so a deterministic engine reproduces them).
+redone from scratch (with the same seeds, so a deterministic engine reproduces them). The output file
+is locked while a run writes it: a second run on the same file stops with a ``UserError``.
+
+One task never aborts the run: an exception raised by its environment ends that task's tree
+(``stop_reason`` ``"env_error"``, the error in ``meta["error"]``), counted in the summary.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +30,10 @@ from typing import Any, Callable, Iterable, Mapping
 from leafe_fast.data.schema import Tree, TreeWriter
 from leafe_fast.engines.base import GenerationRequest, GenerationResult, RolloutEngine
 from leafe_fast.envs.base import Task
+from leafe_fast.errors import UserError
 from leafe_fast.explore.config import ExploreConfig
 from leafe_fast.explore.progress import ExploreProgress
-from leafe_fast.explore.reflection import Reflector, make_reflector
+from leafe_fast.explore.reflectors import GroundedReflector, Reflector, make_reflector
 from leafe_fast.explore.summary import ExploreSummary
 from leafe_fast.explore.task import TaskExplorer, TaskGen
 
@@ -130,7 +136,10 @@ def explore(
     if config.env_workers > 1:
         chat = _LockedChat(chat)
     new_env = _env_factory(env, config)
-    reflector = reflector or make_reflector(config)
+    if config.mode == "independent":
+        reflector = None
+    else:
+        reflector = reflector or make_reflector(config)
 
     tasks = list(tasks)
     seen: set[str] = set()
@@ -139,7 +148,12 @@ def explore(
             raise ValueError(f"explore: task id {t.task_id!r} appears twice; task ids must be unique")
         seen.add(t.task_id)
 
-    summary = ExploreSummary(out_path=str(out_path), tasks=len(tasks))
+    budgets = _budgets_from(config.budget_from, tasks) if config.budget_from else {}
+    from leafe_fast.envs.registry import action_token_limit
+
+    summary = ExploreSummary(out_path=str(out_path), tasks=len(tasks), mode=config.mode,
+                             reflector="none" if reflector is None else str(getattr(reflector, "name", "")),
+                             ablation=reflector is not None and bool(getattr(reflector, "ablation", False)))
     start = time.perf_counter()
     with TreeWriter(out_path) as writer:
         todo = deque(t for t in tasks if t.task_id not in writer.finished)
@@ -169,7 +183,10 @@ def explore(
                 while todo and len(active) < config.concurrency:
                     task = todo.popleft()
                     task_env = free_envs.pop() if free_envs else new_env()
-                    explorer = TaskExplorer(task, task_env, chat, reflector, config, tokenizer_name=tokenizer_name)
+                    _check_reflector(reflector, task_env)
+                    limit = action_token_limit(task.env or (env if isinstance(env, str) else ""))
+                    explorer = TaskExplorer(task, task_env, chat, reflector, config, tokenizer_name=tokenizer_name,
+                                            action_tokens=limit, budget=budgets.get(task.task_id))
                     slot = _Slot(task=task, env=task_env, gen=explorer.run())
                     active.append(slot)
                     starting.append((slot, None))
@@ -201,4 +218,38 @@ def explore(
                     close()
     if config.progress:
         print(summary.format(), file=sys.stderr)
+    if summary.cut_actions:
+        warnings.warn(
+            f"explore: {summary.cut_actions} action(s) stopped at the token limit (max_new_tokens) instead of "
+            "ending their turn; raise --max-new-tokens if the env's actions are longer", RuntimeWarning,
+            stacklevel=2)
+    if summary.env_errors:
+        warnings.warn(f"explore: {summary.env_errors} task(s) ended by an environment error (see meta.error in "
+                      f"{out_path})", RuntimeWarning, stacklevel=2)
     return summary
+
+
+def _check_reflector(reflector: Any, env: Any) -> None:
+    if isinstance(reflector, GroundedReflector) and not callable(getattr(env, "ground_reflection", None)):
+        raise UserError("--reflector", f"{reflector.name!r} needs Env.ground_reflection, which "
+                        f"{type(env).__name__} lacks", "use --reflector llm")
+
+
+def _budgets_from(path: str, tasks: list[Task]) -> dict[str, dict[str, Any]]:
+    """Per-task budgets equal to what a LEAFE run spent (its trees' stats): the equal-budget baseline."""
+    from leafe_fast.data.schema import read_trees
+
+    if not Path(path).is_file():
+        raise UserError("--budget-from", f"{path} is not a file", "pass the trees.jsonl of a LEAFE explore run")
+    spent: dict[str, dict[str, Any]] = {}
+    for tree in read_trees(path):
+        if tree.meta.get("mode", "leafe") != "leafe":
+            raise UserError("--budget-from", f"{path} holds {tree.meta.get('mode')!r} trees",
+                            "pass the trees of a LEAFE run (mode leafe)")
+        steps, tokens = int(tree.stats.get("steps", 0)), int(tree.stats.get("generated_tokens", 0))
+        spent[tree.task_id] = {"max_steps": max(1, steps), "max_tokens": max(1, tokens), "source": str(path)}
+    missing = [t.task_id for t in tasks if t.task_id not in spent]
+    if missing:
+        raise UserError("--budget-from", f"{path} has no tree for {len(missing)} task(s), e.g. {missing[0]!r}",
+                        "use the same --env, --split, --tasks and --task-seed as the LEAFE run")
+    return spent

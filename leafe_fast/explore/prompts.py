@@ -14,30 +14,43 @@ TRIGGER_TEXT = {
 }
 
 
-def reflection_request(n_steps: int, trigger: str) -> str:
-    """Asks for strict JSON: how many steps to keep (0..n-1) and what to do differently.
+def _max_keep(n_steps: int, trigger: str) -> int:
+    return n_steps if trigger == "periodic" else n_steps - 1
 
-    At a periodic check the agent may keep every step (``rollback_step == n``): no rollback.
+
+def valid_range(ctx) -> str:
+    """The valid rollback steps of a reflection context, as the prompts write them."""
+    hi = ctx.n_steps if ctx.may_keep_all else ctx.n_steps - 1
+    return f"0..{hi}"
+
+
+def reflection_request(n_steps: int, trigger: str) -> str:
+    """Asks for strict JSON: how many steps to keep and what to do differently.
+
+    K ranges over 0..n-1 after a failed or cut-off attempt; at a periodic check the attempt is still
+    running, so K = n (keep every step, no rollback) is allowed too and the prompt says so once.
     """
     head = TRIGGER_TEXT.get(trigger, "")
-    keep_all = (
-        f" If the attempt is on track, answer with rollback_step {n_steps} (keep every step)."
-        if trigger == "periodic"
-        else ""
-    )
+    hi = _max_keep(n_steps, trigger)
+    if trigger == "periodic":
+        keep = (f"K is an integer from 0 to {hi}: 0 restarts from the beginning, K < {n_steps} goes back "
+                f"to the state after step K, and {n_steps} keeps every step because the attempt is on track.")
+    else:
+        keep = (f"K is an integer from 0 to {hi}: 0 restarts from the beginning, K goes back to the "
+                "state after step K.")
     return (
         f"{head} You have taken {n_steps} step(s) since the start (steps 1 to {n_steps}). "
         "Find the first step that went wrong, using the feedback you received. "
         "Reply with only a JSON object, no other text: "
-        '{"rollback_step": K, "experience": "..."} where K is the number of steps to keep '
-        f"(0 restarts from the beginning; at most {n_steps - 1}) and experience says, in one or two "
-        f"sentences, what to do differently from that point.{keep_all}"
+        '{"rollback_step": K, "experience": "..."} where K is the number of steps to keep. '
+        f"{keep} The experience says, in one or two sentences, what to do differently from that point."
     )
 
 
-def correction_message(error: str, n_steps: int) -> str:
+def correction_message(error: str, n_steps: int, may_keep_all: bool = False) -> str:
     """Sent after a malformed reflection reply, before the retry."""
+    hi = n_steps if may_keep_all else n_steps - 1
     return (
         f"That reply was not usable: {error}. Reply again with only the JSON object "
-        f'{{"rollback_step": K, "experience": "..."}} with K an integer from 0 to {n_steps - 1}.'
+        f'{{"rollback_step": K, "experience": "..."}} with K an integer from 0 to {hi}.'
     )

@@ -15,6 +15,9 @@ def _ratio(num: float, den: float) -> float:
 @dataclass
 class ExploreSummary:
     out_path: str = ""
+    mode: str = "leafe"  # leafe | independent
+    reflector: str = ""  # llm | grounded | oracle | none
+    ablation: bool = False  # the oracle reflector: never report as LEAFE
     tasks: int = 0  # tasks given
     skipped: int = 0  # already finished in the output file (resume)
     finished: int = 0  # trees written by this run
@@ -29,6 +32,10 @@ class ExploreSummary:
     reflections: int = 0
     malformed_reflections: int = 0
     failed_reflections: int = 0
+    cut_actions: int = 0  # actions that stopped at the token limit
+    invalid_actions: int = 0
+    noop_actions: int = 0
+    env_errors: int = 0  # tasks ended by an exception of their environment
     engine_calls: int = 0
     engine_requests: int = 0
     max_batch: int = 0
@@ -41,7 +48,8 @@ class ExploreSummary:
         self.successes += int(tree.success)
         for key in ("steps", "branches", "generated_tokens", "prompt_tokens", "cached_tokens",
                     "branch_prompt_tokens", "branch_cached_tokens", "reflections",
-                    "malformed_reflections", "failed_reflections"):
+                    "malformed_reflections", "failed_reflections", "cut_actions", "invalid_actions",
+                    "noop_actions", "env_errors"):
             setattr(self, key, getattr(self, key) + int(s.get(key, 0)))
         reason = str(tree.meta.get("stop_reason", ""))
         self.stop_reasons[reason] = self.stop_reasons.get(reason, 0) + 1
@@ -76,12 +84,18 @@ class ExploreSummary:
         return d
 
     def format(self) -> str:
+        label = f"{self.mode}, reflector {self.reflector}" + (" (ORACLE ABLATION, not LEAFE)" if self.ablation else "")
+        extra = ""
+        if self.cut_actions:
+            extra += f"; {self.cut_actions} actions cut at the token limit"
+        if self.env_errors:
+            extra += f"; {self.env_errors} tasks ended by an environment error"
         return (
-            f"explore: {self.finished} trees written to {self.out_path} ({self.skipped} already there), "
+            f"explore [{label}]: {self.finished} trees written to {self.out_path} ({self.skipped} already there), "
             f"{self.successes} successful ({self.success_rate:.1%}); {self.steps} steps, "
             f"{self.branches} branches, {self.generated_tokens} tokens generated; prefix reuse "
             f"{self.branch_reuse:.1%} on branch prompts, {self.prefix_reuse:.1%} overall; "
             f"{self.reflections} reflections ({self.malformed_reflections} malformed replies, "
             f"{self.failed_reflections} without result); {self.engine_calls} engine calls, "
-            f"mean batch {self.mean_batch:.1f}; {self.wall_s:.1f} s"
+            f"mean batch {self.mean_batch:.1f}; {self.wall_s:.1f} s{extra}"
         )

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leafe_fast.data.sample import Sample, SampleColumns
+from leafe_fast.data.columns import Sample, SampleColumns
 
 IGNORE_INDEX = -100
 # Attention implementations that honour cu_seq_lens_* on a packed row.

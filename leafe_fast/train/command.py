@@ -86,7 +86,7 @@ def _model_and_tokenizer(args, device):
 
 
 def run(args: argparse.Namespace) -> int:
-    from leafe_fast.data.sample import SampleColumns
+    from leafe_fast.data.columns import SampleColumns
     from leafe_fast.train.distributed import init_distributed
     from leafe_fast.train.trainer import TrainConfig, Trainer
 

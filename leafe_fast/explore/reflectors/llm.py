@@ -4,8 +4,8 @@ The reflection prompt is the trajectory's tokens exactly as they are (so an engi
 cache serves them) plus one user message asking for ``{"rollback_step": K, "experience": "..."}``.
 A malformed reply (not one JSON object, a missing or mistyped key, an empty experience) is counted
 and answered with a correction message naming the problem, and the model is asked again, up to
-``retries`` more times. An out-of-range ``rollback_step`` is clamped into range by default
-(``invalid_step="clamp"``, recorded as ``clamped``), or treated as malformed (``"retry"``).
+``retries`` more times. An out-of-range ``rollback_step`` is treated as malformed and asked again by
+default (``invalid_step="retry"``); ``"clamp"`` moves it into range instead (recorded as ``clamped``).
 The reflection exchange is not part of the tree: only its outcome (rollback + experience) is.
 """
 
@@ -15,8 +15,8 @@ import json
 import re
 
 from leafe_fast.engines.base import GenerationRequest, SamplingParams
-from leafe_fast.explore.prompts import correction_message, reflection_request
-from leafe_fast.explore.reflection import Reflection, ReflectGen, ReflectionContext, resolve_step
+from leafe_fast.explore.prompts import correction_message, reflection_request, valid_range
+from leafe_fast.explore.reflectors.base import Reflection, ReflectGen, ReflectionContext, clamp_step, resolve_step
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -61,7 +61,7 @@ class LLMReflector:
         self,
         *,
         retries: int = 2,
-        invalid_step: str = "clamp",
+        invalid_step: str = "retry",
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -101,17 +101,19 @@ class LLMReflector:
             out.replies.append(text)
             try:
                 step, experience = parse_reflection(text)
-                if self.invalid_step == "retry" and not (
-                    0 <= step < ctx.n_steps or (step == ctx.n_steps and ctx.may_keep_all)
-                ):
-                    raise MalformedReflection(f"rollback_step {step} is outside 0..{ctx.n_steps - 1}")
+                resolved, out_of_range = resolve_step(step, ctx)
+                if out_of_range and self.invalid_step == "retry":
+                    raise MalformedReflection(f"rollback_step {step} is outside {valid_range(ctx)}")
             except MalformedReflection as e:
                 out.malformed += 1
                 out.note = str(e)
-                correction = correction_message(str(e), ctx.n_steps)
+                out.invalid_step = str(e).startswith("rollback_step ") and " is outside " in str(e)
+                correction = correction_message(str(e), ctx.n_steps, ctx.may_keep_all)
                 prompt = prompt + list(chat.observation_ids(result.output_ids, correction)) + header
                 continue
-            out.rollback_step, out.clamped = resolve_step(step, ctx)
+            if out_of_range:
+                resolved, out.clamped = clamp_step(step, ctx), True
+            out.rollback_step, out.invalid_step = resolved, False
             out.experience = experience
             out.note = "" if out.rollback_step is not None else "on track: no rollback"
             return out

@@ -1,4 +1,4 @@
-"""What a reflector receives and returns; ``make_reflector`` picks one from the config.
+"""What a reflector receives and returns (the contract every reflector implements).
 
 A reflector is a generator function: ``reflect(ctx)`` yields ``GenerationRequest``s, receives their
 ``GenerationResult``s, and returns a ``Reflection``. That lets the scheduler batch reflection
@@ -43,11 +43,12 @@ class Reflection:
     """``rollback_step``: steps to keep (0 .. n_steps-1) for a branch, or None: no branch."""
 
     rollback_step: int | None
-    experience: str = ""
+    experience: str = ""  # may be "" when the run rolls back without a summary (ExploreConfig.summary)
     source: str = ""
     attempts: int = 0  # model replies asked for
     malformed: int = 0  # replies that were not usable (each one retried while attempts remained)
-    clamped: bool = False  # the reply's step was out of range and clamped into it
+    clamped: bool = False  # the reply's step was out of range and clamped into it (invalid_step="clamp")
+    invalid_step: bool = False  # the final answer's step was out of range: no branch
     note: str = ""  # why there is no branch, when there is none
     replies: list[str] = field(default_factory=list)
 
@@ -62,29 +63,20 @@ class Reflector(Protocol):
 
 
 def resolve_step(k: int, ctx: ReflectionContext) -> tuple[int | None, bool]:
-    """Map a proposed rollback step onto the valid range: (step or None to go on, clamped?).
+    """A proposed rollback step checked against the valid range: ``(step or None to go on, out_of_range)``.
 
-    Valid: 0 .. n_steps-1; ``n_steps`` itself means "keep everything" and is honoured only at a
-    periodic check (a finished trajectory cannot be continued), else clamped to n_steps-1.
+    Valid: 0 .. n_steps-1; ``n_steps`` itself means "keep everything" and is valid only at a periodic
+    check (a finished trajectory cannot be continued). An out-of-range step is never moved silently:
+    the caller retries (``invalid_step="retry"``, the default) or clamps it on request, counted.
     """
     n = ctx.n_steps
     if k == n and ctx.may_keep_all:
         return None, False
-    clamped = min(max(k, 0), n - 1)
-    return clamped, clamped != k
+    if 0 <= k < n:
+        return k, False
+    return None, True
 
 
-def make_reflector(config: Any) -> Reflector:
-    if config.reflector == "grounded":
-        from leafe_fast.explore.grounded import GroundedReflector
-
-        return GroundedReflector()
-    from leafe_fast.explore.reflect import LLMReflector
-
-    return LLMReflector(
-        retries=config.reflect_retries,
-        invalid_step=config.invalid_step,
-        max_new_tokens=config.reflect_max_new_tokens,
-        temperature=config.temperature if config.reflect_temperature is None else config.reflect_temperature,
-        top_p=config.top_p,
-    )
+def clamp_step(k: int, ctx: ReflectionContext) -> int:
+    """``k`` moved into 0..n_steps-1 (the ``invalid_step="clamp"`` policy)."""
+    return min(max(k, 0), ctx.n_steps - 1)

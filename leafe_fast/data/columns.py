@@ -1,4 +1,4 @@
-"""Training samples: the contract between ``build_samples`` (Stage 2 data) and the packer.
+"""Training samples: the containers between ``build_samples`` (Stage 2 data) and the packer.
 
 A sample is one token sequence with a per-token target mask. ``target_mask[i]`` means token ``i`` is
 supervised: it is predicted from the hidden state at position ``i - 1`` (the packer applies that
@@ -17,16 +17,25 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from leafe_fast.errors import UserError
+
 REHEARSAL = 0
 COUNTERFACTUAL = 1
-GROUP_NAMES = ("rehearsal", "counterfactual")
+GUIDED = 2  # guided continuations as their own group (only when asked: BuildConfig.guided="group")
+GROUP_NAMES = ("rehearsal", "counterfactual", "guided")
+"""Loss group ids -> names; the one definition (the trainer, the loss reports and the build stats use it)."""
+
+
+def group_name(group: int) -> str:
+    """The name of a group id (``group<k>`` past the named ones)."""
+    return GROUP_NAMES[group] if 0 <= group < len(GROUP_NAMES) else f"group{group}"
 
 
 @dataclass
 class Sample:
     input_ids: np.ndarray  # int32 [L]
     target_mask: np.ndarray  # bool [L]; True at i: token i is a target, predicted from position i-1
-    group: int = REHEARSAL  # 0 rehearsal, 1 counterfactual (a few more groups are allowed)
+    group: int = REHEARSAL  # 0 rehearsal, 1 counterfactual, 2 guided (a few more groups are allowed)
     weight: float = 1.0  # per-sample loss weight, applied to each of its target tokens
     tree_id: int = -1  # samples of one exploration tree share prefixes
     prefix_len: int = 0  # tokens this sample shares with the tree's other samples (from the start)
@@ -71,6 +80,16 @@ class SampleColumns:
         return np.diff(self.offsets)
 
     def validate(self) -> None:
+        """Shapes, dtypes and ranges (token ids >= 0, groups >= 0, finite weights); raises ValueError."""
+        for name in ("tokens", "offsets", "target_mask", "group", "tree_id", "prefix_len"):
+            arr = np.asarray(getattr(self, name))
+            if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+                raise ValueError(f"SampleColumns: {name} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        weight = np.asarray(self.weight)
+        if weight.ndim != 1 or not np.issubdtype(weight.dtype, np.floating):
+            raise ValueError(f"SampleColumns: weight must be a 1-D float array, got {weight.dtype} {weight.shape}")
+        if len(self.offsets) == 0:
+            raise ValueError("SampleColumns: offsets is empty (it needs at least the leading 0)")
         n = len(self)
         T = len(self.tokens)
         if n < 0 or self.offsets[0] != 0 or self.offsets[-1] != T or np.any(np.diff(self.offsets) < 0):
@@ -80,6 +99,14 @@ class SampleColumns:
         for name in ("group", "weight", "tree_id", "prefix_len"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"SampleColumns: {name} has {len(getattr(self, name))} entries, samples {n}")
+        if T and (self.tokens.min() < 0 or self.tokens.max() > np.iinfo(np.int32).max):
+            bad = int(self.tokens.min()) if self.tokens.min() < 0 else int(self.tokens.max())
+            raise ValueError(f"SampleColumns: token id {bad} is outside [0, 2**31)")
+        if n and self.group.min() < 0:
+            raise ValueError(f"SampleColumns: group id {int(self.group.min())} is negative")
+        if n and not np.all(np.isfinite(weight)):
+            bad = np.flatnonzero(~np.isfinite(weight))[:5].tolist()
+            raise ValueError(f"SampleColumns: samples {bad} have a weight that is not finite")
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> "SampleColumns":
@@ -114,20 +141,47 @@ class SampleColumns:
         return out
 
     def save(self, path: str | Path) -> None:
-        """One .npz file; written to a temporary name and renamed, so a crash never leaves half a file."""
+        """One .npz file; written to a temporary name and renamed, so a crash never leaves half a file
+        (and a failed write leaves no ``.tmp`` behind)."""
         path = Path(path)
+        if path.is_dir():
+            raise UserError(str(path), "is a directory", "pass a file path for the samples, e.g. runs/x/samples.npz")
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: getattr(self, k) for k in self.__dataclass_fields__})
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "SampleColumns":
-        with np.load(path) as z:
-            cols = cls(**{k: z[k] for k in cls.__dataclass_fields__})
-        cols.validate()
+        """Read and check a samples file; every defect of the file is a ``UserError`` naming it."""
+        path = Path(path)
+        fix = "pass a samples .npz written by `leafe-fast build-data`"
+        if not path.exists():
+            raise UserError(str(path), "does not exist", fix)
+        if path.is_dir():
+            raise UserError(str(path), "is a directory, not a samples file", fix)
+        if path.stat().st_size == 0:
+            raise UserError(str(path), "is empty", fix)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in cls.__dataclass_fields__ if k not in z.files]
+                if missing:
+                    raise UserError(str(path), f"lacks the arrays {missing}", fix)
+                cols = cls(**{k: z[k] for k in cls.__dataclass_fields__})
+        except UserError:
+            raise
+        except Exception as e:  # BadZipFile, a pickled object array, a truncated member, ...
+            raise UserError(str(path), f"is not a readable .npz samples file ({type(e).__name__}: {e})", fix) from None
+        try:
+            cols.validate()
+        except ValueError as e:
+            raise UserError(str(path), str(e), fix) from None
         return cols
 
 
