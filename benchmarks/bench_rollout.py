@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, env_info, write_result
+from benchmarks.common import env_info, pyplot, save_figure, write_result
 from leafe_fast.engines.base import GenerationRequest, RolloutEngine, SamplingParams
 
 
@@ -311,12 +311,8 @@ def _table(runs: dict[str, Any]) -> str:
 
 
 def _plot(name: str, runs: dict[str, Any]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     labels = [k for k, r in runs.items() if "skipped" not in r]
     short = [k.replace("hf_prefix_cache_", "HF cache ").replace("sglang", "SGLang") for k in labels]
@@ -336,12 +332,7 @@ def _plot(name: str, runs: dict[str, Any]) -> Path | None:
             ax.axhline(0.9, ls=":", color="tab:red", lw=1)
             ax.set_ylim(0, 1.05)
     fig.suptitle(f"Rollout on exploration trees ({env_info()['device']})", fontsize=10)
-    fig.tight_layout()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, name)
 
 
 if __name__ == "__main__":

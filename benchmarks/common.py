@@ -66,9 +66,10 @@ def env_info() -> dict[str, Any]:
     return info
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued CUDA work (of ``device``, default: the current one); a no-op on the CPU."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize(device)
 
 
 def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> dict[str, float]:
@@ -79,7 +80,7 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> dict[str
     """
     for _ in range(max(0, warmup)):
         fn()
-    _sync()
+    sync()
     times: list[float] = []
     cuda = torch.cuda.is_available()
     for _ in range(max(1, iters)):
@@ -109,12 +110,12 @@ def peak_memory(fn: Callable[[], Any]) -> float | None:
     """Extra peak CUDA memory (GiB) of one ``fn()`` call above what was allocated before; None on CPU."""
     if not torch.cuda.is_available():
         return None
-    _sync()
+    sync()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    _sync()
+    sync()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
@@ -145,14 +146,9 @@ def save_plot(
     ``groups`` (one per bar, e.g. the shape) colours the bars by group; ``logy`` for values that span
     orders of magnitude. Returns None without matplotlib.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     vals = [float("nan") if v is None else float(v) for v in values]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(labels) + 2), 4.5))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -175,6 +171,26 @@ def save_plot(
         from matplotlib.patches import Patch
 
         ax.legend(handles=[Patch(color=palette[i % len(palette)], label=k) for i, k in enumerate(keys)], fontsize=7)
+    return save_figure(fig, name)
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """Lay out ``fig``, write it to ``benchmarks/results/<name>.png`` and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     path = RESULTS_DIR / f"{name}.png"
     fig.savefig(path, dpi=120)
