@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import pickle
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from leafe_fast.envs.base import Env, Task
 from leafe_fast.envs.code import CodeEnv, extract_program, outputs_match
@@ -98,12 +101,46 @@ def test_hidden_tests_run_after_public_ones_pass(env: CodeEnv) -> None:
     assert result.info["passed"] == 3  # two public, one hidden
 
 
-def test_hidden_test_data_can_stay_secret() -> None:
-    env = CodeEnv(limits=LIMITS, reveal_hidden_tests=False)
+def test_hidden_test_data_stays_secret_by_default() -> None:
+    env = CodeEnv(limits=LIMITS)
+    assert env.reveal_hidden_tests is False
     env.reset(ADD_TASK)
     result = env.step(WRONG_ON_HIDDEN_2)
     assert result.feedback == "Wrong answer on hidden test 2."
     assert "1000000000" not in json.dumps(result.info)
+    for mode in ("diagnosis", "oracle"):
+        reflection = env.ground_reflection([result], mode=mode)
+        assert "hidden test 2" in reflection.experience and "1000000000" not in reflection.experience
+
+
+def test_hidden_test_failure_names_only_number_and_kind() -> None:
+    # A program that puts the hidden input into its error message, its exit code and its output size.
+    leak = "```python\nimport sys\ns = input()\nif s.startswith('1000'):\n    raise ValueError(s)\nprint(sum(map(int, s.split())))\n```"
+    slow = "```python\ns = input()\nif s.startswith('1000'):\n    while True: pass\nprint(sum(map(int, s.split())))\n```"
+    env = CodeEnv(limits=LIMITS)
+    env.reset(ADD_TASK)
+    crashed = env.step(leak)
+    assert crashed.feedback == "Runtime error on hidden test 2."
+    timed = env.step(slow)
+    assert timed.feedback == "Time limit exceeded on hidden test 2 (limit 1 s of CPU time)."
+    for result in (crashed, timed):
+        text = json.dumps(result.info) + env.ground_reflection([result]).experience
+        assert "1000000000" not in text and "input_chars" not in text
+    shown = CodeEnv(limits=LIMITS, reveal_hidden_tests=True)
+    shown.reset(ADD_TASK)
+    assert "ValueError: 1000000000 1000000000" in shown.step(leak).feedback
+
+
+def test_env_options_from_the_command_line_shape() -> None:
+    """--env-arg values arrive as JSON scalars or objects: limits as a dict, flags as booleans."""
+    from leafe_fast.envs.registry import make_env
+
+    env = make_env("code", reveal_hidden_tests=True, limits={"cpu_seconds": 1, "wall_seconds": 3}, max_attempts=2)
+    assert env.reveal_hidden_tests is True and env.limits.cpu_seconds == 1 and env.max_attempts == 2
+    with pytest.raises(ValueError, match="limits"):
+        CodeEnv(limits={"cpu_secs": 1})
+    with pytest.raises(ValueError, match="reveal_hidden_tests"):
+        CodeEnv(reveal_hidden_tests="yes")
 
 
 def test_compile_error_feedback_names_error_and_line(env: CodeEnv) -> None:
@@ -242,6 +279,99 @@ def test_outputs_match() -> None:
     assert outputs_match("YES", "YES\n\n")
     assert not outputs_match("YES", "yes")
     assert not outputs_match("nan", "nan0")
+
+
+@pytest.mark.parametrize(
+    "expected, actual, match",
+    [
+        ("3", "+-3", False), ("3", "²", False), ("2", "²", False), ("-3", "+-3", False),
+        ("1" * 5000, "1" * 5000, True), ("1" * 5000, "0" + "1" * 5000, True), ("1" * 5000, "1" * 4999 + "2", False),
+        ("0", "-0", True), ("0", "+000", True), ("5", "٥", False), ("5", "5_0", False), ("50", "5_0", False),
+        ("1.5", "1.5e0", True), ("1.5", "inf", False), ("1.5", "1e400", False), ("inf", "inf", True),
+        ("2.5", "2.5" + "0" * 5000 + "1", True), ("7", b"\xff7", False), ("7", b"7\n\xff", False),
+        (b"\xff\xfe", b"\xff\xfe", True), ("x", "\udc80", False), ("1 2", "1\u00a02", False),
+    ],
+)
+def test_outputs_match_edge_cases(expected, actual, match: bool) -> None:
+    assert outputs_match(expected, actual) is match
+
+
+def _reference_match(expected: str, actual: str, tolerance: float = 1e-6) -> bool:
+    """The plain rule, on well-formed ASCII tokens only (where int() cannot fail)."""
+    want, got = expected.split(), actual.split()
+    if len(want) != len(got):
+        return False
+    for a, b in zip(want, got):
+        if a == b:
+            continue
+        if a.lstrip("+-").isdigit() and a.count("-") + a.count("+") <= 1:
+            if not (b.lstrip("+-").isdigit() and b.count("-") + b.count("+") <= 1 and int(a) == int(b)):
+                return False
+            continue
+        try:
+            x, y = float(a), float(b)
+        except ValueError:
+            return False
+        if not (math.isfinite(x) and math.isfinite(y)) or abs(x - y) > tolerance * max(1.0, abs(x)):
+            return False
+    return True
+
+
+_ASCII_TOKEN = st.one_of(
+    st.integers(-10**30, 10**30).map(str),
+    st.floats(allow_nan=False, allow_infinity=False, width=64).map(repr),
+    st.text(alphabet="0123456789+-.eE", min_size=1, max_size=6),
+    st.sampled_from(["YES", "NO", "0", "-0", "+1", "007"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_ASCII_TOKEN, max_size=5), st.lists(_ASCII_TOKEN, max_size=5))
+def test_outputs_match_agrees_with_the_plain_rule_on_ascii_tokens(want: list[str], got: list[str]) -> None:
+    expected, actual = " ".join(want), " ".join(got)
+    assert outputs_match(expected, actual) == _reference_match(expected, actual)
+    assert outputs_match(expected, expected)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200)), st.one_of(st.binary(max_size=200), st.text(max_size=200)))
+def test_outputs_match_never_raises(expected, actual) -> None:
+    assert outputs_match(expected, actual) in (True, False)
+
+
+class _FakeSandbox:
+    """Answers every test with the given bytes as the program's stdout: the judge's input space."""
+
+    def __init__(self) -> None:
+        self.stdout = ""
+
+    def run_many(self, source, inputs, limits=None, stop_on_error=False):
+        from leafe_fast.envs.sandbox import RunResult, Verdict
+
+        return [RunResult(Verdict.OK, self.stdout, "", 0, None, 0.01, 0.01, 0, "fake") for _ in inputs]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_code_env_step_never_raises_on_any_program_output(data: bytes) -> None:
+    fake = _FakeSandbox()
+    fake.stdout = data.decode("utf-8", errors="replace")
+    env = CodeEnv(limits=LIMITS, sandbox=fake, cache_size=0)
+    env.reset(ADD_TASK)
+    result = env.step(RIGHT)
+    assert result.info["verdict"] in ("accepted", "wrong_answer")
+    assert isinstance(result.feedback, str)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=120), st.text(max_size=40))
+def test_code_env_step_survives_real_programs_printing_arbitrary_bytes(data: bytes, junk: str) -> None:
+    env = CodeEnv(limits=LIMITS, max_attempts=2)
+    env.reset(ADD_TASK)
+    printed = env.step(f"```python\nimport sys\nsys.stdout.buffer.write({data!r})\n```")
+    assert printed.info["verdict"] in ("wrong_answer", "runtime_error")
+    anything = env.step(junk)  # any text as the answer, lone surrogates and NUL included
+    assert anything.done and isinstance(anything.feedback, str)
 
 
 def _write_jsonl(path: Path, records: list) -> None:
