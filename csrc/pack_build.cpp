@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <thread>
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -15,6 +14,7 @@
 #endif
 
 #include "packer.h"
+#include "parallel.h"
 
 namespace leafe {
 
@@ -177,6 +177,8 @@ void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t
 
 }  // namespace
 
+void populate_output(void* p, size_t bytes) { populate(p, bytes); }
+
 void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
                    const BuildOutputs& out, int threads) {
   const int64_t B = in.num_mb;
@@ -186,18 +188,8 @@ void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64
     return;
   }
   // Contiguous micro-batch ranges holding about the same number of tokens.
-  const int64_t total = mb_tok_off[B];
-  std::vector<int64_t> cut{0};
-  for (int t = 1; t < threads; ++t) {
-    const int64_t goal = total / threads * t;
-    const int64_t b = std::upper_bound(mb_tok_off, mb_tok_off + B + 1, goal) - mb_tok_off - 1;
-    cut.push_back(std::max(cut.back(), std::min(b, B)));
-  }
-  cut.push_back(B);
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back(build_range, std::cref(in), mb_tok_off, mb_tgt_off, std::cref(out), cut[t], cut[t + 1]);
-  for (auto& th : pool) th.join();
+  const std::vector<int64_t> cut = balanced_cuts(mb_tok_off, B, threads);
+  run_parallel(threads, [&](int t) { build_range(in, mb_tok_off, mb_tgt_off, out, cut[t], cut[t + 1]); });
 }
 
 }  // namespace leafe

@@ -73,6 +73,58 @@ void layout_batches(const BuildInputs& in, int64_t* mb_tok_off, int64_t* mb_tgt_
 void build_batches(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t* mb_tgt_off,
                    const BuildOutputs& out, int threads);
 
+// Faults in the pages of [p, p + bytes) of a mapped output in one call before they are written.
+void populate_output(void* p, size_t bytes);
+
+// ---- trie layout (pack_trie.cpp) ----
+// The samples of one tree (same tree id >= 0; a negative id is a tree of its own) become one token trie,
+// emitted in depth-first pre-order (children by token value). Trees longer than the budget are cut into
+// chunks of consecutive samples in lexicographic order, i.e. at branch points.
+struct TrieChunks {
+  std::vector<int64_t> members;           // sample ids, chunk after chunk, lexicographic order inside
+  std::vector<int64_t> lcp;               // [members] common prefix with the previous member of the chunk
+  std::vector<int64_t> chunk_offsets{0};  // [C+1] into members
+  std::vector<int64_t> chunk_tokens;      // [C] trie tokens of each chunk (<= budget)
+  std::vector<int64_t> split_trees;       // tree ids cut into several chunks
+  std::vector<int64_t> mixed_trees;       // tree ids whose samples do not share their prompt (see .cpp)
+};
+
+// eligible: the sample ids to pack (input order), each with win_len in [1, budget] and >= 1 target.
+TrieChunks trie_chunks(const int32_t* tokens, const uint8_t* mask, const int64_t* win_abs, const int64_t* win_len,
+                       const int64_t* tree_ids, const int64_t* eligible, int64_t m, int64_t budget, int threads);
+
+struct TrieOutputs {
+  int32_t* input_ids;     // [T]
+  int32_t* position_ids;  // [T] depth
+  int32_t* subtree_end;   // [T] micro-batch local
+  int32_t* cu_seqlens;    // [C + B] chunk boundaries; micro-batch b owns [mb_offsets[b] + b, mb_offsets[b+1] + b + 1)
+  int64_t* rows;          // [M]
+  int64_t* targets;       // [M]
+  float* weights;         // [M]
+  int8_t* group;          // [M]
+  int64_t* sample_ids;    // [members] chunk members in id order, chunk after chunk
+};
+
+struct TrieInputs {
+  const int32_t* tokens;
+  const uint8_t* mask;
+  const int8_t* group;
+  const float* weight;
+  const int64_t* win_abs;
+  const int64_t* win_len;
+  const int64_t* members;
+  const int64_t* lcp;            // lcp[q] <= both lengths; the first member of a chunk is read as 0
+  const int64_t* chunk_offsets;
+  const int64_t* order;       // chunk ids, micro-batch after micro-batch
+  const int64_t* mb_offsets;  // [B+1] into order
+  int64_t num_mb;
+};
+
+// Per micro-batch prefix sums: tokens, targets, samples; and the longest chunk (from lengths, LCPs, masks).
+void trie_layout(const TrieInputs& in, int64_t* tok_off, int64_t* tgt_off, int64_t* smp_off, int32_t* max_seqlen);
+void trie_build(const TrieInputs& in, const int64_t* tok_off, const int64_t* tgt_off, const int64_t* smp_off,
+                const TrieOutputs& out, int threads);
+
 // Output memory (output_pool.cpp). map_output returns at least `bytes`, recycled from a released
 // output when one fits, else a fresh anonymous mapping with transparent huge pages; *capacity gets
 // the real size, which unmap_output needs back. Released outputs are kept (lazily freeable, see

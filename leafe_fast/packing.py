@@ -57,18 +57,17 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from leafe_fast.data.columns import Sample, SampleColumns
+from leafe_fast.packing_types import Layout, MicroBatch, PackEngine, Packing, PackStats
 
 Strategy = Literal["bfd", "balanced"]
 Truncation = Literal["error", "left", "right"]
 MAX_BUDGET = 1 << 22  # the C++ free-space index and length sort are sized by the budget (4M tokens)
 DEFAULT_ALPHA = 2e-5  # ~ d_model * n_layers / n_params of a 7B model; see attention_alpha
-_ARRAYS = ("input_ids", "position_ids", "cu_seqlens", "rows", "targets", "weights", "group", "sample_ids")
 
 
 def attention_alpha(hidden_size: int, num_layers: int, num_params: float) -> float:
@@ -79,81 +78,6 @@ def attention_alpha(hidden_size: int, num_layers: int, num_params: float) -> flo
     square), so ``alpha = hidden_size * num_layers / num_params``.
     """
     return float(hidden_size) * float(num_layers) / float(num_params)
-
-
-@dataclass
-class MicroBatch:
-    """One flat varlen micro-batch; the arrays may be views into buffers shared with other micro-batches."""
-
-    input_ids: np.ndarray  # int32 [T]
-    position_ids: np.ndarray  # int32 [T]
-    cu_seqlens: np.ndarray  # int32 [n+1]
-    max_seqlen: int
-    rows: np.ndarray  # int64 [M]
-    targets: np.ndarray  # int64 [M]
-    weights: np.ndarray  # float32 [M]
-    group: np.ndarray  # int8 [M]
-    sample_ids: np.ndarray  # int64 [n]
-    rank: int
-    num_tokens: int
-    num_targets: int
-    cost: float = 0.0  # tokens + alpha * sum(len^2)
-
-    def to_torch(self, device: Any = None) -> dict[str, Any]:
-        """Tensors sharing memory with the numpy arrays (torch.from_numpy); copied only to move to ``device``."""
-        import torch
-
-        out: dict[str, Any] = {name: torch.from_numpy(getattr(self, name)) for name in _ARRAYS}
-        if device is not None:
-            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
-        out["max_seqlen"] = self.max_seqlen
-        return out
-
-
-@dataclass
-class PackStats:
-    capacity: int  # num_micro_batches * budget
-    real_tokens: int
-    padding: int  # capacity - real_tokens (unused budget; varlen attention does not compute it)
-    token_efficiency: float  # real_tokens / capacity
-    num_micro_batches: int
-    micro_batches_per_rank: int
-    rank_costs: list[float]
-    rank_imbalance: float  # max/mean - 1 of rank_costs
-    sync_imbalance: float  # sum over steps of the slowest rank / sum of the mean rank - 1
-    num_targets: int
-    truncated: list[tuple[int, int, int]] = field(default_factory=list)  # (sample_id, tokens, targets) removed
-    skipped: list[int] = field(default_factory=list)  # sample ids with no target: not packed
-    split_trees: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-
-
-@dataclass
-class Packing:
-    micro_batches: list[MicroBatch]
-    stats: PackStats
-    ranks: int = 1
-
-    def for_rank(self, rank: int) -> list[MicroBatch]:
-        if not 0 <= rank < self.ranks:
-            raise ValueError(f"rank {rank} outside [0, {self.ranks})")
-        return [mb for mb in self.micro_batches if mb.rank == rank]
-
-    def steps(self, micro_per_step: int, rank: int | None = None) -> list[Any]:
-        """Group micro-batches into optimizer steps of ``micro_per_step`` per rank.
-
-        With ``rank``: ``steps[s]`` is that rank's list of micro-batches for step s. Without:
-        ``steps[s][r]`` is rank r's list. The last step may be shorter.
-        """
-        if micro_per_step < 1:
-            raise ValueError("micro_per_step must be >= 1")
-        if rank is not None:
-            own = self.for_rank(rank)
-            return [own[i : i + micro_per_step] for i in range(0, len(own), micro_per_step)]
-        per_rank = [self.steps(micro_per_step, r) for r in range(self.ranks)]
-        n = max((len(p) for p in per_rank), default=0)
-        return [[p[s] if s < len(p) else [] for p in per_rank] for s in range(n)]
 
 
 def release_buffers() -> int:
@@ -308,7 +232,7 @@ def _windows(lengths: np.ndarray, budget: int, truncation: str) -> tuple[np.ndar
 
 
 class _Native:
-    """The C++ path."""
+    """The C++ path (implements ``PackEngine``)."""
 
     def __init__(self, threads: int) -> None:
         from leafe_fast import _C
@@ -329,6 +253,34 @@ class _Native:
         flat = self._C.pack_build(cols.tokens, cols.target_mask, cols.group, cols.weight, win_abs, win_len, kept,
                                   plan["order"], plan["mb_offsets"], self.threads)
         return _views(flat, plan)
+
+
+    def trie_chunks(self, cols, win_abs, win_len, eligible, budget):
+        return self._C.pack_trie_chunks(cols.tokens, cols.target_mask, win_abs, win_len, cols.tree_id, eligible,
+                                        budget, self.threads)
+
+    def trie_build(self, cols, win_abs, win_len, kept, chunks, plan) -> list[MicroBatch]:
+        flat = self._C.pack_trie_build(cols.tokens, cols.target_mask, cols.group, cols.weight, win_abs, win_len,
+                                       chunks["members"], chunks["lcp"], chunks["chunk_offsets"], plan["order"],
+                                       plan["mb_offsets"], self.threads)
+        return _trie_views(flat, plan, win_len)
+
+
+def _trie_views(flat: dict[str, np.ndarray], plan: dict[str, Any], win_len: np.ndarray) -> list[MicroBatch]:
+    """Trie micro-batches as views into the flat buffers the C++ build wrote."""
+    tok, tgt, smp = flat["tok_off"].tolist(), flat["tgt_off"].tolist(), flat["smp_off"].tolist()
+    chunks = plan["mb_offsets"].tolist()
+    ranks, costs, longest = plan["mb_rank"].tolist(), plan["mb_cost"].tolist(), flat["max_seqlen"].tolist()
+    sids = flat["sample_ids"]
+    per_sample = np.concatenate([[0], np.cumsum(win_len[sids])]) if len(sids) else np.zeros(1, np.int64)
+    out = []
+    for b in range(len(ranks)):
+        t0, t1, m0, m1, s0, s1, c0, c1 = tok[b], tok[b + 1], tgt[b], tgt[b + 1], smp[b], smp[b + 1], chunks[b], chunks[b + 1]
+        out.append(MicroBatch(flat["input_ids"][t0:t1], flat["position_ids"][t0:t1], flat["cu_seqlens"][c0 + b : c1 + b + 1],
+                              longest[b], flat["rows"][m0:m1], flat["targets"][m0:m1], flat["weights"][m0:m1],
+                              flat["group"][m0:m1], sids[s0:s1], ranks[b], t1 - t0, m1 - m0, costs[b],
+                              flat["subtree_end"][t0:t1], "trie", int(per_sample[s1] - per_sample[s0])))
+    return out
 
 
 def _views(flat: dict[str, np.ndarray], plan: dict[str, Any]) -> list[MicroBatch]:
@@ -353,12 +305,22 @@ def _views(flat: dict[str, np.ndarray], plan: dict[str, Any]) -> list[MicroBatch
 # ------------------------------------------------------------------------------------------- driver
 
 
+def resolve_layout(layout: str, tree_id: np.ndarray) -> Layout:
+    """``"auto"``: the trie layout when some sample carries a tree id (LEAFE data), else flat."""
+    if layout not in ("auto", "flat", "trie"):
+        raise ValueError(f"pack: layout must be 'auto', 'flat' or 'trie', got {layout!r}")
+    if layout == "auto":
+        return "trie" if len(tree_id) and bool((tree_id >= 0).any()) else "flat"
+    return layout  # type: ignore[return-value]
+
+
 def _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle, keep_trees_together,
-         truncation, engine) -> Packing:
+         truncation, engine: PackEngine, layout: str = "flat") -> Packing:
     t_start = time.perf_counter()
     _check_options(budget, strategy, ranks, micro_batches_per_rank, alpha, seed, truncation)
     cols = _as_columns(samples)
     _validate(cols)
+    layout = resolve_layout(layout, cols.tree_id)
     timings = {}
     t = time.perf_counter()
     lengths = cols.lengths
@@ -369,20 +331,41 @@ def _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, 
     eligible = np.flatnonzero(kept > 0).astype(np.int64)
     if len(eligible) == 0:
         raise ValueError(f"pack: none of the {len(cols)} samples has a target token left to train on")
-    t = time.perf_counter()
     opts = {"budget": int(budget), "strategy": strategy, "ranks": int(ranks),
             "micro_batches_per_rank": micro_batches_per_rank, "alpha": float(alpha), "seed": int(seed),
             "shuffle": bool(shuffle), "keep_trees_together": bool(keep_trees_together)}
+    win_abs = np.ascontiguousarray(cols.offsets[:-1] + win_start)
+    win_len = np.ascontiguousarray(win_len)
+    flat_tokens = int(win_len[eligible].sum())
+    mixed: list[int] = []
+    if layout == "trie":
+        # Each tree becomes one trie (or, beyond the budget, chunks cut at branch points); the chunks are
+        # placed like single samples of their trie length.
+        t = time.perf_counter()
+        chunks = engine.trie_chunks(cols, win_abs, win_len, eligible, int(budget))
+        timings["trie"] = time.perf_counter() - t
+        num_chunks = len(chunks["chunk_tokens"])
+        units, unit_len = np.arange(num_chunks, dtype=np.int64), np.ascontiguousarray(chunks["chunk_tokens"])
+        unit_tree = np.full(num_chunks, -1, dtype=np.int64)
+        opts["keep_trees_together"] = False
+        mixed = chunks["mixed_trees"].tolist()
+    else:
+        units, unit_len = eligible, np.ascontiguousarray(win_len[eligible])
+        unit_tree = np.ascontiguousarray(cols.tree_id[eligible])
+    t = time.perf_counter()
     try:
-        plan = engine.plan(eligible, np.ascontiguousarray(win_len[eligible]),
-                           np.ascontiguousarray(cols.tree_id[eligible]), opts)
+        plan = engine.plan(units, unit_len, unit_tree, opts)
     except RuntimeError as exc:
         raise ValueError(f"pack: {exc}") from None
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    win_abs = np.ascontiguousarray(cols.offsets[:-1] + win_start)
-    micro_batches = engine.build(cols, win_abs, np.ascontiguousarray(win_len), kept, plan)
+    if layout == "trie":
+        micro_batches = engine.trie_build(cols, win_abs, win_len, kept, chunks, plan)
+        split_trees = chunks["split_trees"].tolist()
+    else:
+        micro_batches = engine.build(cols, win_abs, win_len, kept, plan)
+        split_trees = plan["split_trees"].tolist()
     timings["build"] = time.perf_counter() - t
 
     R = int(ranks)
@@ -404,8 +387,9 @@ def _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, 
         rank_imbalance=max(0.0, float(rank_costs.max() / mean - 1)) if mean > 0 else 0.0,
         sync_imbalance=max(0.0, float(slot_max.sum() / rank_costs.sum() * R - 1)) if mean > 0 else 0.0,
         num_targets=int(sum(mb.num_targets for mb in micro_batches)), truncated=truncated,
-        skipped=np.flatnonzero(kept == 0).tolist(), split_trees=plan["split_trees"].tolist(),
-        seconds=time.perf_counter() - t_start, timings=timings)
+        skipped=np.flatnonzero(kept == 0).tolist(), split_trees=split_trees,
+        seconds=time.perf_counter() - t_start, timings=timings, layout=layout, flat_tokens=flat_tokens,
+        trie_tokens=real, compression=flat_tokens / real if real else 1.0, mixed_trees=mixed)
     return Packing(micro_batches, stats, R)
 
 
@@ -421,6 +405,7 @@ def pack(
     shuffle: bool = True,
     keep_trees_together: bool = False,
     truncation: Truncation = "error",
+    layout: Literal["auto", "flat", "trie"] = "flat",
     backend: Literal["cpp", "python"] = "cpp",
     threads: int | None = None,
 ) -> Packing:
@@ -440,7 +425,7 @@ def pack(
     else:
         raise ValueError(f"pack: backend must be 'cpp' or 'python', got {backend!r}")
     return _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle,
-                keep_trees_together, truncation, engine)
+                keep_trees_together, truncation, engine, layout)
 
 
 def pack_reference(
@@ -455,15 +440,16 @@ def pack_reference(
     shuffle: bool = True,
     keep_trees_together: bool = False,
     truncation: Truncation = "error",
+    layout: Literal["auto", "flat", "trie"] = "flat",
 ) -> Packing:
     """Plain Python packing with the same rules and results as ``pack``; the tests' ground truth."""
     from leafe_fast.packing_reference import ReferenceEngine
 
     return _run(samples, budget, strategy, ranks, micro_batches_per_rank, alpha, seed, shuffle,
-                keep_trees_together, truncation, ReferenceEngine())
+                keep_trees_together, truncation, ReferenceEngine(), layout)
 
 
 __all__ = [
-    "MicroBatch", "PackStats", "Packing", "pack", "pack_reference", "columns_from_labels", "attention_alpha",
+    "MicroBatch", "PackStats", "Packing", "PackEngine", "Layout", "resolve_layout", "pack", "pack_reference", "columns_from_labels", "attention_alpha",
     "target_norms", "release_buffers", "DEFAULT_ALPHA",
 ]

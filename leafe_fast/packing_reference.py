@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from leafe_fast.packing import MicroBatch
+from leafe_fast.packing_types import MicroBatch
 
 
 class ReferenceEngine:
@@ -64,6 +64,125 @@ class ReferenceEngine:
                                   int(plan["mb_rank"][b]), local, sum(len(r) for r in rows),
                                   float(plan["mb_cost"][b])))
         return out
+
+
+    # ------------------------------------------------------------------ trie layout, written the obvious way
+    def trie_chunks(self, cols, win_abs, win_len, eligible, budget):
+        """Trees as dict tries; samples inserted in sorted order, a new chunk when the next would not fit."""
+        seq = lambda s: tuple(cols.tokens[int(win_abs[s]) : int(win_abs[s]) + int(win_len[s])].tolist())  # noqa: E731
+        groups: dict[int, list[int]] = {}
+        order: list[list[int]] = []
+        for s in eligible.tolist():
+            t = int(cols.tree_id[s])
+            if t < 0:
+                order.append([s])
+            elif t not in groups:
+                groups[t] = [s]
+                order.append(groups[t])
+            else:
+                groups[t].append(s)
+        members, lcps, offsets, sizes, split, mixed = [], [], [0], [], [], []
+        for group in order:
+            seqs = {s: seq(s) for s in group}
+            ranked = sorted(group, key=lambda s: (seqs[s], s))
+            root: dict = {}
+            size, chunks_before = 0, len(sizes)
+            for k, s in enumerate(ranked):
+                node, shared = root, 0
+                for tok in seqs[s]:
+                    if tok not in node:
+                        break
+                    node, shared = node[tok], shared + 1
+                new = len(seqs[s]) - shared
+                if k > 0 and size + new > budget:  # cut here: a fresh trie for the next chunk
+                    offsets.append(len(members))
+                    sizes.append(size)
+                    root, size, shared = {}, 0, 0
+                    new = len(seqs[s])
+                node = root
+                for tok in seqs[s]:
+                    node = node.setdefault(tok, {})
+                size += new
+                members.append(s)
+                lcps.append(shared)
+            offsets.append(len(members))
+            sizes.append(size)
+            tree = int(cols.tree_id[group[0]])
+            if len(sizes) - chunks_before > 1:
+                split.append(tree)
+            if len(group) > 1:
+                common = len(_common_prefix([seqs[s] for s in group]))
+                first = min(int(np.flatnonzero(cols.target_mask[int(win_abs[s]) + 1 : int(win_abs[s]) + int(win_len[s])])[0]) + 1
+                            for s in group)
+                if common == 0 or 2 * common < first:
+                    mixed.append(tree)
+        i64 = lambda xs: np.array(xs, dtype=np.int64)  # noqa: E731
+        return {"members": i64(members), "lcp": i64(lcps), "chunk_offsets": i64(offsets), "chunk_tokens": i64(sizes),
+                "split_trees": i64(split), "mixed_trees": i64(mixed)}
+
+    def trie_build(self, cols, win_abs, win_len, kept, chunks, plan) -> list[MicroBatch]:
+        out = []
+        order, bounds = plan["order"], plan["mb_offsets"]
+        offsets, members = chunks["chunk_offsets"], chunks["members"]
+        for b in range(len(bounds) - 1):
+            ids, pos, ends, cu, rows, tgts, wts, grp, sids = [], [], [], [0], [], [], [], [], []
+            flat = 0
+            for c in order[bounds[b] : bounds[b + 1]].tolist():
+                chunk = sorted(members[offsets[c] : offsets[c + 1]].tolist())
+                seqs = {s: cols.tokens[int(win_abs[s]) : int(win_abs[s]) + int(win_len[s])].tolist() for s in chunk}
+                root: dict = {}
+                for s in chunk:
+                    node = root
+                    for tok in seqs[s]:
+                        node = node.setdefault(tok, {})
+                # pre-order with children by token value; node id and subtree end per trie node
+                node_id: dict[int, int] = {}
+                stack = [(root[t], t, 0) for t in sorted(root, reverse=True)]
+                opened = []
+                while stack:
+                    node, tok, depth = stack.pop()
+                    node_id[id(node)] = len(ids)
+                    ids.append(tok)
+                    pos.append(depth)
+                    ends.append(-1)
+                    opened.append(node)
+                    stack.extend((node[t], t, depth + 1) for t in sorted(node, reverse=True))
+                size: dict[int, int] = {}
+                for node in reversed(opened):  # children are opened after their parent
+                    size[id(node)] = 1 + sum(size[id(child)] for child in node.values())
+                    ends[node_id[id(node)]] = node_id[id(node)] + size[id(node)]
+                cu.append(len(ids))
+                for s in chunk:
+                    node, path = root, []
+                    for tok in seqs[s]:
+                        node = node[tok]
+                        path.append(node_id[id(node)])
+                    mask = cols.target_mask[int(win_abs[s]) : int(win_abs[s]) + int(win_len[s])]
+                    for i in range(1, len(path)):
+                        if mask[i]:
+                            rows.append(path[i - 1])
+                            tgts.append(seqs[s][i])
+                            wts.append(cols.weight[s])
+                            grp.append(cols.group[s])
+                    sids.append(s)
+                    flat += len(path)
+            cu_a = np.array(cu, dtype=np.int32)
+            out.append(MicroBatch(np.array(ids, dtype=np.int32), np.array(pos, dtype=np.int32), cu_a,
+                                  int(np.diff(cu_a).max()) if len(cu_a) > 1 else 0, np.array(rows, dtype=np.int64),
+                                  np.array(tgts, dtype=np.int64), np.array(wts, dtype=np.float32),
+                                  np.array(grp, dtype=np.int8), np.array(sids, dtype=np.int64),
+                                  int(plan["mb_rank"][b]), len(ids), len(rows), float(plan["mb_cost"][b]),
+                                  np.array(ends, dtype=np.int32), "trie", flat))
+        return out
+
+
+def _common_prefix(seqs: list[tuple]) -> tuple:
+    first = min(seqs)
+    last = max(seqs)
+    k = 0
+    while k < min(len(first), len(last)) and first[k] == last[k]:
+        k += 1
+    return first[:k]
 
 
 _MASK64 = (1 << 64) - 1

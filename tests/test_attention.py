@@ -1,4 +1,4 @@
-"""Packed varlen attention: packed logits equal one-sample-at-a-time logits, backend selection."""
+"""Packed varlen and tree attention: packed logits equal one-sample-at-a-time logits, backend selection."""
 
 from __future__ import annotations
 
@@ -22,12 +22,6 @@ def _pack(seqs):
     pos = torch.cat([torch.arange(len(s)) for s in seqs])
     cu = torch.tensor([0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
     return ids, pos, cu, max(len(s) for s in seqs)
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    yield
-    A.set_backend(None)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -91,9 +85,9 @@ def test_backends_agree_on_random_inputs(window):
 
 def test_cpu_backend_selection(monkeypatch):
     assert A.available_backends("cpu") == ["sdpa_mask", "loop"]
-    assert A.select_backend("cpu", num_tokens=100) == "sdpa_mask"
+    assert A.select_backend("cpu", num_tokens=100) == "auto"  # measured on the real inputs
     monkeypatch.setattr(A, "MASK_MAX_TOKENS", 64)
-    assert A.select_backend("cpu", num_tokens=100) == "loop"
+    assert A.select_backend("cpu", num_tokens=100) == "loop"  # a dense mask this big is never tried
     assert A.select_backend("cpu", "loop") == "loop"
     with pytest.raises(ValueError, match="not available on cpu"):
         A.select_backend("cpu", "torch_varlen")
@@ -169,3 +163,141 @@ def test_gpu_varlen_backends_match_loop(backend):
     ref = A.varlen_attention_packed(q.float(), k.float(), v.float(), cu, 256, backend="loop")
     out = A.varlen_attention_packed(q, k, v, cu, 256, backend=backend)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)  # bf16 inputs vs an fp32 reference
+
+
+# ----------------------------------------------------------------------------------- tree attention
+def _random_tree(g: torch.Generator, chunks: int = 3):
+    """A random forest in pre-order: subtree_end, depth and chunk bounds (several roots per chunk)."""
+    ends, depth, cu = [], [], [0]
+    for _ in range(chunks):
+        base = len(ends)
+        stack = []  # open nodes: index
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        for i in range(n):
+            # close a random number of open nodes, then open a child of the top (or a new root)
+            pops = int(torch.randint(0, len(stack) + 1, (1,), generator=g)) if stack else 0
+            for _ in range(pops):
+                ends[stack.pop()] = base + i
+            depth.append(len(stack))
+            ends.append(-1)
+            stack.append(base + i)
+        for j in stack:
+            ends[j] = base + n
+        cu.append(base + n)
+    return (torch.tensor(ends, dtype=torch.int32), torch.tensor(depth, dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32))
+
+
+def _tree_reference(q, k, v, ends, depth, window=None):
+    """Explicit softmax over each query's ancestors (found by walking the pre-order), GQA by repetition."""
+    T, H, D = q.shape
+    kk, vv = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
+    out = torch.empty_like(q)
+    for j in range(T):
+        anc = [i for i in range(j + 1) if j < ends[i]]
+        if window is not None:
+            anc = [i for i in anc if depth[j] - depth[i] < window]
+        s = torch.einsum("hd,khd->hk", q[j], kk[anc]) * D**-0.5
+        out[j] = torch.einsum("hk,khd->hd", s.softmax(-1), vv[anc])
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.parametrize("backend", ["tree_sdpa", "tree_chunks"])
+def test_tree_backends_match_reference(backend, window):
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        ends, depth, cu = _random_tree(g)
+        T = len(ends)
+        q, k, v = torch.randn(T, 4, 8, generator=g), torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, 8, generator=g)
+        tm = A.TreeMask(ends, depth, cu)
+        out = A.tree_attention(q, k, v, tm, sliding_window=window, backend=backend)
+        torch.testing.assert_close(out, _tree_reference(q, k, v, ends.tolist(), depth.tolist(), window),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_flat_attention_is_the_chain_special_case():
+    """subtree_end = end of each sample reproduces the varlen (flat) attention: one contract for both."""
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 5, 6, 17, 20], dtype=torch.int32)
+    q, k, v = torch.randn(20, 4, 8, generator=g), torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 8, generator=g)
+    ends = torch.repeat_interleave(cu[1:], torch.diff(cu))
+    depth = torch.cat([torch.arange(int(n)) for n in torch.diff(cu)]).int()
+    out = A.tree_attention(q, k, v, A.TreeMask(ends, depth, cu), backend="tree_sdpa")
+    torch.testing.assert_close(out, A.varlen_attention_packed(q, k, v, cu, 11, backend="loop"), rtol=1e-5, atol=1e-5)
+
+
+def test_tree_mask_built_once_per_micro_batch(monkeypatch):
+    """All layers share the micro-batch's TreeMask: the dense mask is built once, not once per layer."""
+    tok, cfg = tiny("qwen2")
+    m = load_model(cfg, dtype="float32", device="cpu", tree_attn="tree_sdpa", seed=1).eval()
+    assert cfg.num_hidden_layers > 1
+    calls, masks, real = [], [], A.TreeMask.dense
+
+    def counting(self, *a, **kw):
+        calls.append(len(self._cache))
+        masks.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(A.TreeMask, "dense", counting)
+    ends = torch.tensor([6, 3, 3, 6, 6, 6], dtype=torch.int32)  # root, child chain of 2, sibling chain of 2
+    depth = torch.tensor([0, 1, 2, 1, 2, 3], dtype=torch.int32)
+    ids = torch.randint(0, len(tok), (6,))
+    with torch.no_grad():
+        packed_logits(m, ids, depth, torch.tensor([0, 6], dtype=torch.int32), 6, ends)
+    assert len(calls) == cfg.num_hidden_layers  # every layer asked for the mask ...
+    assert len({id(t) for t in masks}) == 1  # ... of one TreeMask ...
+    assert calls[0] == 0 and all(c == 1 for c in calls[1:])  # ... built by the first layer, reused by the rest
+
+
+def test_backend_is_chosen_per_model():
+    """Loading a second model with another backend must not change the first model's backend."""
+    _, cfg = tiny("qwen2")
+    a = load_model(cfg, dtype="float32", device="cpu", attn="loop", tree_attn="tree_chunks", seed=1)
+    b = load_model(cfg, dtype="float32", device="cpu", attn="sdpa_mask", tree_attn="tree_sdpa", seed=1)
+    assert A.model_backend(a) == ("loop", "tree_chunks")
+    assert A.model_backend(b) == ("sdpa_mask", "tree_sdpa")
+    attn_a = next(mod for name, mod in a.named_modules() if name.endswith("self_attn"))
+    assert getattr(attn_a, "leafe_attn_backend") == "loop"
+    assert not hasattr(A, "_forced_backend") and not hasattr(A, "set_backend")
+    with pytest.raises(ValueError, match="tree_attn"):
+        load_model(cfg, dtype="float32", device="cpu", tree_attn="magic")
+
+
+def test_measured_choice_picks_the_fastest_and_caches():
+    import time as _t
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        _t.sleep(0.02)
+
+    def fast():
+        calls.append("fast")
+
+    def broken():
+        raise RuntimeError("cannot run here")
+
+    key = ("test", object())
+    assert A.measured_choice(key, {"slow": slow, "broken": broken, "fast": fast}) == "fast"
+    n = len(calls)
+    assert A.measured_choice(key, {"slow": slow, "fast": fast}) == "fast" and len(calls) == n  # cached
+    assert A.measured_backends()[key] == "fast"
+
+
+def test_no_hf_mask_is_built_for_packed_rows(monkeypatch):
+    """The packed forward hands transformers a precomputed (empty) mask: its mask code never runs."""
+    import transformers.masking_utils as mu
+
+    tok, cfg = tiny("qwen2")
+    m = load_model(cfg, dtype="float32", device="cpu", attn="loop", seed=1).eval()
+
+    def boom(*a, **kw):
+        raise AssertionError("transformers built a mask for a packed row")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", boom)  # the host sync of transformers' mask code
+    monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, A.VARLEN_ATTENTION, boom)
+    ids, pos, cu, mx = _pack([torch.randint(0, len(tok), (L,)) for L in LENGTHS])
+    with torch.no_grad():
+        packed_logits(m, ids, pos, cu, mx)

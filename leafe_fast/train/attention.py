@@ -17,6 +17,19 @@ Backends, fastest first (``select_backend``):
 
 The two flash backends take fp16/bf16 only: fp32 inputs (precision="fp32" on CUDA) go to the SDPA paths.
 
+Trie (prefix-shared) batches (``leafe_fast.packing`` ``layout="trie"``) carry ``subtree_end``: token ``j``
+attends to token ``i`` iff ``i <= j < subtree_end[i]``. :class:`TreeMask` is built once per micro-batch from it
+and handed to every layer (the ``leafe_tree_mask`` keyword); its backends (``TREE_BACKENDS``):
+
+- ``flex``        FlexAttention with a block-sparse ``BlockMask`` (compiled; CUDA, and the CPU where inductor
+  builds it)
+- ``tree_sdpa``   SDPA with a dense [T, T] tree mask (any device; O(T^2) memory)
+- ``tree_chunks`` one dense-masked SDPA per tree chunk (``cu_seqlens`` bounds; O(chunk^2) memory)
+
+The backend is chosen per model (:func:`set_model_backend`, stored on the model's modules, never
+process-wide). "auto" on CUDA: flash varlen for flat batches, ``flex`` for trie batches; on the CPU the
+candidates are timed once per shape bucket on the real inputs and the fastest is kept (:func:`measured_choice`).
+
 Without ``cu_seq_lens_*`` the boundaries come from ``position_ids`` restarting at 0, so a plain
 ``model(input_ids, position_ids=...)`` call on a packed row is also correct. Padded [B, T] batches and
 KV-cached decoding (evaluation, generation) fall back to ordinary SDPA with transformers' padding mask.
@@ -25,9 +38,10 @@ KV-cached decoding (evaluation, generation) fall back to ordinary SDPA with tran
 from __future__ import annotations
 
 import inspect
-import os
+import time
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +49,11 @@ import torch.nn.functional as F
 VARLEN_ATTENTION = "leafe_varlen"
 Backend = Literal["flash_attn", "torch_varlen", "sdpa_mask", "loop"]
 BACKENDS: tuple[str, ...] = ("flash_attn", "torch_varlen", "sdpa_mask", "loop")
-# Above this many tokens the CPU path switches from one masked SDPA (T^2 mask) to the per-sample loop.
-MASK_MAX_TOKENS = int(os.environ.get("LEAFE_ATTN_MASK_MAX_TOKENS", "8192"))
-
-_forced_backend: str | None = None
+TREE_BACKENDS: tuple[str, ...] = ("flex", "tree_sdpa", "tree_chunks")
+# Dense [T, T] masks above this many tokens are never tried (memory), whatever a measurement would say.
+MASK_MAX_TOKENS = 16384
+# Attribute names on a model's modules that hold its backend choice (see set_model_backend).
+_FLAT_ATTR, _TREE_ATTR = "leafe_attn_backend", "leafe_tree_backend"
 
 
 @lru_cache(maxsize=1)
@@ -77,9 +92,11 @@ def available_backends(device: torch.device | str) -> list[str]:
 
 
 def select_backend(device: torch.device | str, prefer: str = "auto", num_tokens: int = 0) -> str:
-    """The backend to use: ``prefer`` if given (error if unavailable), else the fastest available.
+    """The flat-batch backend: ``prefer`` if given (error if unavailable), else the fastest available.
 
-    ``num_tokens`` matters only for the CPU choice between one masked SDPA and the per-sample loop.
+    On CUDA "auto" is the first flash backend. On the CPU it returns "auto" unless the dense mask is too big
+    (``num_tokens > MASK_MAX_TOKENS``: "loop"): the choice between the masked SDPA and the loop is then made
+    by measurement on the real inputs (:func:`measured_choice`).
     """
     avail = available_backends(device)
     if prefer != "auto":
@@ -90,15 +107,89 @@ def select_backend(device: torch.device | str, prefer: str = "auto", num_tokens:
         return prefer
     if avail[0] in ("flash_attn", "torch_varlen"):
         return avail[0]
-    return "sdpa_mask" if num_tokens <= MASK_MAX_TOKENS else "loop"
+    return "auto" if num_tokens <= MASK_MAX_TOKENS else "loop"
 
 
-def set_backend(name: str | None) -> None:
-    """Force one backend for every call (None restores automatic choice). Used by tests and benchmarks."""
-    global _forced_backend
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is unknown; choose one of {BACKENDS}")
-    _forced_backend = name
+def set_model_backend(model: torch.nn.Module, flat: str = "auto", tree: str = "auto") -> None:
+    """Record the attention backends of ``model`` (flat batches, trie batches) on its own modules.
+
+    Why per model: a process may hold two models (a packed and a stock one, or two experiments); a global
+    switch would let loading the second silently change the first.
+    """
+    if flat != "auto" and flat not in BACKENDS:
+        raise ValueError(f"attention backend {flat!r} is unknown; choose 'auto' or one of {BACKENDS}")
+    if tree != "auto" and tree not in TREE_BACKENDS:
+        raise ValueError(f"tree attention backend {tree!r} is unknown; choose 'auto' or one of {TREE_BACKENDS}")
+    for m in model.modules():
+        setattr(m, _FLAT_ATTR, flat)
+        setattr(m, _TREE_ATTR, tree)
+
+
+def model_backend(model: torch.nn.Module) -> tuple[str, str]:
+    """(flat, tree) backend names recorded on ``model`` ("auto" when none was set)."""
+    return getattr(model, _FLAT_ATTR, "auto"), getattr(model, _TREE_ATTR, "auto")
+
+
+# ------------------------------------------------------------------------------------ measured choice
+_MEASURED: dict[tuple, str] = {}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def measured_choice(key: tuple, candidates: dict[str, Callable[[], Any]], repeats: int = 2) -> str:
+    """The fastest of ``candidates`` (name -> forward thunk), timed once per ``key`` and cached.
+
+    Each candidate runs once untimed (warm-up, compilation) and then ``repeats`` timed times without
+    gradients; the best time counts. Why: on the CPU the winner depends on the machine, the thread count,
+    the number of segments and their lengths (a dense [T, T] mask measured 4x slower than a per-sample loop
+    at 4096 tokens on one machine and faster on short packs), so no fixed threshold is right everywhere.
+    """
+    if key in _MEASURED:
+        return _MEASURED[key]
+    if len(candidates) == 1:
+        _MEASURED[key] = next(iter(candidates))
+        return _MEASURED[key]
+    best, best_t, error = None, float("inf"), None
+    with torch.no_grad():
+        for name, fn in candidates.items():
+            try:
+                fn()
+            except Exception as exc:  # a candidate that cannot run here (e.g. no compiler for flex) is not chosen
+                error = exc
+                continue
+            t = min(_timed(fn) for _ in range(repeats))
+            if t < best_t:
+                best, best_t = name, t
+    if best is None:
+        raise RuntimeError(f"no attention backend among {list(candidates)} could run") from error
+    _MEASURED[key] = best
+    return best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measured_backends() -> dict[tuple, str]:
+    """The CPU choices made so far (key -> backend): logged by benchmarks, inspected by tests."""
+    return dict(_MEASURED)
+
+
+def packed_row_mask(device: torch.device | str) -> torch.Tensor:
+    """An empty 4-D mask that stands for "packed row, no mask" (see ``packed_hidden_states``).
+
+    transformers returns a 4-D ``attention_mask`` as-is instead of building one, for every model family, so
+    passing this skips its mask code (and the host sync of its packed-sequence detection).
+    """
+    return torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)
+
+
+def _is_packed_row_mask(mask: torch.Tensor | None) -> bool:
+    return mask is not None and mask.dim() == 4 and mask.numel() == 0
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -147,9 +238,15 @@ def varlen_attention_packed(
         if backend != "auto":
             raise ValueError(f"attention backend {name!r} needs float16/bfloat16 inputs, got {q.dtype}; "
                              "use 'sdpa_mask' or 'loop' (or 'auto') for fp32")
-        name = "sdpa_mask" if total <= MASK_MAX_TOKENS else "loop"
+        name = "auto" if total <= MASK_MAX_TOKENS else "loop"
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_seqlen = int(max_seqlen)
+    if name == "auto":  # sdpa_mask or loop: measured once per shape bucket on these inputs
+        segments = cu.numel() - 1
+        key = ("flat", q.device.type, q.dtype, _bucket(total), _bucket(segments), _bucket(max_seqlen), heads,
+               head_dim, sliding_window is not None)
+        run = lambda b: lambda: _varlen_sdpa(b, q, k, v, cu, groups, scale, sliding_window)  # noqa: E731
+        name = measured_choice(key, {"sdpa_mask": run("sdpa_mask"), "loop": run("loop")})
     if name in ("flash_attn", "torch_varlen"):
         # [T, H, D] views of HF's [1, H, T, D] tensors; the flash kernels want dense [T, H, D] inputs.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -169,6 +266,13 @@ def varlen_attention_packed(
         else:
             k, v, extra = _repeat_kv(k, groups), _repeat_kv(v, groups), {}
         return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, **causal, **extra)
+    return _varlen_sdpa(name, q, k, v, cu, groups, scale, sliding_window)
+
+
+def _varlen_sdpa(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, groups: int,
+                 scale: float, sliding_window: int | None) -> torch.Tensor:
+    """The two SDPA paths of :func:`varlen_attention_packed` (any device, exact in fp32)."""
+    total = q.shape[0]
     # SDPA paths want [B, H, T, D]
     qh, kh, vh = q.transpose(0, 1), _repeat_kv(k, groups, 1).transpose(0, 1), _repeat_kv(v, groups, 1).transpose(0, 1)
     if name == "sdpa_mask":
@@ -215,6 +319,13 @@ def leafe_varlen_attention(
         # The flash kernels take one 16-bit dtype; autocast does not reach them, so cast as it would.
         dt = torch.get_autocast_dtype(dev_type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    if _is_packed_row_mask(attention_mask):
+        attention_mask = None
+    tree = kwargs.get("leafe_tree_mask")
+    if tree is not None and batch == 1 and key.shape[2] == total:
+        out = tree_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), tree,
+                             scale=scaling, sliding_window=sliding_window, backend=getattr(module, _TREE_ATTR, "auto"))
+        return out.unsqueeze(0), None
     if attention_mask is None and batch == 1 and key.shape[2] == total:
         cu = kwargs.get("cu_seq_lens_q")
         max_len = kwargs.get("max_length_q")
@@ -234,7 +345,7 @@ def leafe_varlen_attention(
             max_len,
             scale=scaling,
             sliding_window=sliding_window,
-            backend=_forced_backend or "auto",
+            backend=getattr(module, _FLAT_ATTR, "auto"),
         )
         return out.unsqueeze(0), None
     # Padded batches and KV-cached decoding (generation, evaluation): SDPA with the model's own mask
@@ -281,3 +392,128 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN_ATTENTION, leafe_varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
     return VARLEN_ATTENTION
+
+
+# ------------------------------------------------------------------------------------------ tree masks
+class TreeMask:
+    """The attention mask of one trie micro-batch, built once and shared by every layer.
+
+    ``subtree_end [T]``: query q sees key k iff ``k <= q < subtree_end[k]`` (k is q or an ancestor of q).
+    ``depth [T]`` (the position ids) serves sliding windows: q sees ancestor k only if ``depth[q] - depth[k]
+    < window``. ``cu_seqlens`` bounds the tree chunks (no attention crosses them). The dense masks and the
+    ``BlockMask`` are built on first use and cached here, so the layers after the first reuse them.
+    """
+
+    def __init__(self, subtree_end: torch.Tensor, depth: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        self.subtree_end = subtree_end.reshape(-1).to(torch.int32)
+        self.depth = depth.reshape(-1).to(torch.int32)
+        self.total = int(self.subtree_end.numel())
+        self.cu_seqlens = (cu_seqlens.to(device=self.subtree_end.device, dtype=torch.int32) if cu_seqlens is not None
+                           else torch.tensor([0, self.total], dtype=torch.int32, device=self.subtree_end.device))
+        self._cache: dict[Any, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.subtree_end.device
+
+    def dense(self, window: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Bool [n, n] mask of tokens [start, stop) (a chunk: no key outside it is visible to its queries)."""
+        stop = self.total if stop is None else stop
+        key = ("dense", window, start, stop)
+        if key not in self._cache:
+            idx = torch.arange(start, stop, device=self.device)
+            end = self.subtree_end[start:stop]
+            mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] < end[None, :])
+            if window is not None:
+                d = self.depth[start:stop]
+                mask &= (d[:, None] - d[None, :]) < window
+            self._cache[key] = mask
+        return self._cache[key]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        if "chunks" not in self._cache:
+            b = self.cu_seqlens.tolist()
+            self._cache["chunks"] = [(x, y) for x, y in zip(b[:-1], b[1:]) if y > x]
+        return self._cache["chunks"]
+
+    def block_mask(self, window: int | None = None):
+        """FlexAttention ``BlockMask`` (block-sparse: blocks with no visible pair are skipped)."""
+        key = ("block", window)
+        if key not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            end, depth = self.subtree_end, self.depth
+
+            def tree_mod(b, h, q_idx, kv_idx):
+                visible = (kv_idx <= q_idx) & (q_idx < end[kv_idx])
+                if window is not None:
+                    visible = visible & (depth[q_idx] - depth[kv_idx] < window)
+                return visible
+
+            self._cache[key] = create_block_mask(tree_mod, None, None, self.total, self.total, device=self.device,
+                                                 _compile=self.device.type == "cuda")
+        return self._cache[key]
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _tree_candidates(device: torch.device, total: int) -> list[str]:
+    """Tree backends worth trying on ``device`` for ``total`` tokens."""
+    if device.type == "cuda":
+        return ["flex"]
+    out = ["tree_chunks"]
+    if total >= 1024:  # compiling flex for the CPU takes tens of seconds: not worth it for tiny packs
+        out.append("flex")
+    if total <= MASK_MAX_TOKENS:
+        out.insert(0, "tree_sdpa")
+    return out
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree: TreeMask,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Tree-masked attention of ``q [T, H, D]``, ``k, v [T, Hkv, D]`` -> ``[T, H, D]`` (see :class:`TreeMask`)."""
+    total, heads, head_dim = q.shape
+    groups = heads // k.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    if backend == "auto":
+        cands = _tree_candidates(q.device, total)
+        if len(cands) == 1:
+            backend = cands[0]
+        else:
+            key = ("tree", q.device.type, q.dtype, _bucket(total), _bucket(len(tree.chunks())), heads, head_dim,
+                   sliding_window is not None)
+            run = lambda b: lambda: tree_attention(q, k, v, tree, scale=scale,  # noqa: E731
+                                                   sliding_window=sliding_window, backend=b)
+            backend = measured_choice(key, {b: run(b) for b in cands})
+    qh = q.transpose(0, 1)
+    if backend == "flex":
+        kh, vh = k.transpose(0, 1), v.transpose(0, 1)
+        out = _compiled_flex()(qh[None].contiguous(), kh[None].contiguous(), vh[None].contiguous(),
+                               block_mask=tree.block_mask(sliding_window), scale=scale, enable_gqa=groups > 1)
+        return out[0].transpose(0, 1)
+    kh, vh = _repeat_kv(k, groups, 1).transpose(0, 1), _repeat_kv(v, groups, 1).transpose(0, 1)
+    if backend == "tree_sdpa":
+        mask = tree.dense(sliding_window)
+        out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask, scale=scale)[0]
+        return out.transpose(0, 1)
+    if backend == "tree_chunks":
+        pieces = []
+        for a, b in tree.chunks():
+            mask = tree.dense(sliding_window, a, b)
+            pieces.append(F.scaled_dot_product_attention(qh[None, :, a:b], kh[None, :, a:b], vh[None, :, a:b],
+                                                         attn_mask=mask, scale=scale)[0])
+        return torch.cat(pieces, dim=1).transpose(0, 1)
+    raise ValueError(f"tree attention backend {backend!r} is unknown; choose 'auto' or one of {TREE_BACKENDS}")

@@ -21,7 +21,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from leafe_fast.train.attention import BACKENDS, register_varlen_attention, set_backend
+from leafe_fast.loss import LossOptions
+from leafe_fast.train.attention import (
+    BACKENDS,
+    TREE_BACKENDS,
+    TreeMask,
+    packed_row_mask,
+    register_varlen_attention,
+    set_model_backend,
+)
 from leafe_fast.train.precision import master_dtype, resolve_precision
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -47,6 +55,7 @@ def load_model(
     precision: str = "auto",
     device: str | torch.device | None = None,
     attn: str = "auto",
+    tree_attn: str = "auto",
     liger: bool | str = "auto",
     activation_checkpointing: bool = False,
     seed: int = 0,
@@ -56,7 +65,8 @@ def load_model(
     path_or_config: a local directory with ``config.json`` (+ weights), or a ``PretrainedConfig`` (random
     init with ``seed``). attn: "auto" (our varlen attention, fastest backend), one of the varlen backends
     ("flash_attn", "torch_varlen", "sdpa_mask", "loop") to force it, or a stock transformers name
-    ("sdpa", "eager") for unpacked use. liger: apply Liger RMSNorm/RoPE/SwiGLU ("auto": on CUDA if installed).
+    ("sdpa", "eager") for unpacked use. tree_attn: the backend of trie batches, "auto" (flex on CUDA, measured
+    on the CPU) or one of ``TREE_BACKENDS``. Both choices belong to this model only. liger: apply Liger RMSNorm/RoPE/SwiGLU ("auto": on CUDA if installed).
     dtype: the parameter dtype; None/"auto" takes it from ``precision`` (see
     :mod:`leafe_fast.train.precision`): fp32 master weights for "bf16-mixed" (the CUDA default) and
     "fp32", bf16 for "bf16-pure".
@@ -69,11 +79,10 @@ def load_model(
     else:
         torch_dtype = resolve_dtype(dtype, device)
 
-    if attn == "auto" or attn in BACKENDS:
-        impl = register_varlen_attention()
-        set_backend(None if attn == "auto" else attn)
-    else:
-        impl = attn
+    if tree_attn != "auto" and tree_attn not in TREE_BACKENDS:
+        raise ValueError(f"load_model: tree_attn {tree_attn!r} is unknown; choose 'auto' or one of {TREE_BACKENDS}")
+    packed = attn == "auto" or attn in BACKENDS
+    impl = register_varlen_attention() if packed else attn
     if isinstance(path_or_config, PretrainedConfig):
         # transformers writes the attention choice into the config object: copy it so that two models
         # built from one config (say packed and stock) do not share that choice.
@@ -92,6 +101,8 @@ def load_model(
     else:
         raise TypeError(f"load_model: expected a path or a PretrainedConfig, got {type(path_or_config).__name__}")
     model.to(device)
+    if packed:
+        set_model_backend(model, attn, tree_attn)
     if liger:
         from leafe_fast.train.liger import apply_liger
 
@@ -126,30 +137,47 @@ def lm_head(model: nn.Module) -> nn.Linear:
     return head
 
 
+# Handed to the model as ``attention_mask``: transformers takes any 4-D mask as already prepared and builds
+# none (its mask code scans position_ids for packed sequences, a host sync per forward). Our attention
+# reads the packing from the varlen keywords or the tree mask and treats this empty mask as "no mask"
+# (``packed_row_mask``).
+
+
 def packed_hidden_states(
     model: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    subtree_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[T, H]`` of a packed row ``input_ids [T]`` (samples never see each other)."""
+    """Final hidden states ``[T, H]`` of a packed row ``input_ids [T]`` (samples never see each other).
+
+    With ``subtree_end`` (a trie batch) token j sees token i iff ``i <= j < subtree_end[i]``; the
+    :class:`~leafe_fast.train.attention.TreeMask` is built here once and shared by all layers.
+    """
     cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+    extra: dict[str, Any] = {}
+    if subtree_end is not None:
+        extra["leafe_tree_mask"] = TreeMask(subtree_end.to(input_ids.device), position_ids.to(input_ids.device), cu)
     out = base_model(model)(
         input_ids=input_ids.reshape(1, -1).long(),
         position_ids=position_ids.reshape(1, -1).long(),
+        attention_mask=packed_row_mask(input_ids.device),
         cu_seq_lens_q=cu,
         cu_seq_lens_k=cu,
         max_length_q=int(max_seqlen),
         max_length_k=int(max_seqlen),
         use_cache=False,
+        **extra,
     )
     return out.last_hidden_state[0]
 
 
-def packed_logits(model: nn.Module, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
+def packed_logits(model: nn.Module, input_ids, position_ids, cu_seqlens, max_seqlen,
+                  subtree_end: torch.Tensor | None = None) -> torch.Tensor:
     """Full logits ``[T, V]`` of a packed row: for tests and small evaluations only (materializes T x V)."""
-    return lm_head(model)(packed_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen))
+    return lm_head(model)(packed_hidden_states(model, input_ids, position_ids, cu_seqlens, max_seqlen, subtree_end))
 
 
 class LeafeCausalLM(nn.Module):
@@ -162,24 +190,25 @@ class LeafeCausalLM(nn.Module):
     autocast_dtype: run the decoder under ``torch.autocast`` in this dtype (bf16-mixed on one process:
     fp32 parameters, bf16 matmuls). None: compute in the parameters' own dtype (fp32, bf16-pure, or the
     bf16 copies FSDP2's mixed-precision policy gathers).
-    check_ranges: let the loss verify target and group ranges on every call (a device sync on CUDA). The
-    Trainer checks its packed micro-batches once per epoch on the host and turns this off.
+    loss: the :class:`leafe_fast.loss.LossOptions` (lambdas, z_loss, impl, check_ranges, ...); the reduction
+    is always "sum" by the given norms. ``check_ranges`` lets the loss verify target and group ranges on
+    every call (a device sync on CUDA); the Trainer checks its packed micro-batches once per epoch on the
+    host and turns it off.
     """
 
-    def __init__(self, model: nn.Module, lambdas: Sequence[float] = (1.0, 1.0), z_loss: float = 0.0,
-                 autocast_dtype: torch.dtype | None = None, check_ranges: bool = True):
+    def __init__(self, model: nn.Module, loss: LossOptions | None = None,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
-        self.lambdas = tuple(float(x) for x in lambdas)
-        self.z_loss = float(z_loss)
+        self.loss_options = (loss or LossOptions()).with_overrides(reduction="sum")
         self.autocast_dtype = autocast_dtype
-        self.check_ranges = check_ranges
 
     def forward(self, batch: Any, norms: torch.Tensor):
         from leafe_fast.loss import leafe_loss
 
         batch = as_batch(batch)
         input_ids, position_ids, cu, max_len = batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+        subtree_end = getattr(batch, "subtree_end", None)
         if input_ids.numel() == 0:
             # An empty micro-batch (the balanced packer gives one to a rank with nothing left) still runs
             # one dummy token: under FSDP every rank must take part in every gather and reduce.
@@ -187,10 +216,11 @@ class LeafeCausalLM(nn.Module):
             position_ids = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             cu = torch.tensor([0, 1], dtype=torch.int32, device=input_ids.device)
             max_len = 1
+            subtree_end = None
         device_type = input_ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            hidden = packed_hidden_states(self.model, input_ids, position_ids, cu, int(max_len))
+            hidden = packed_hidden_states(self.model, input_ids, position_ids, cu, int(max_len), subtree_end)
         head = lm_head(self.model)
         # The fused loss needs hidden and LM-head weight in one dtype. Under autocast the decoder's residual
         # stream (and so the final norm's output) stays fp32 while the head weight is the fp32 master, so
@@ -201,8 +231,14 @@ class LeafeCausalLM(nn.Module):
         # the master parameter, exactly like autocast's own casts of every Linear. Without autocast the
         # casts are no-ops. (leafe_loss turns autocast off itself, so its torch backend keeps fp32 math.)
         loss_dtype = self.autocast_dtype or hidden.dtype
-        hidden_c, weight_c = hidden.to(loss_dtype), head.weight.to(loss_dtype)
-        bias_c = None if head.bias is None else head.bias.to(loss_dtype)
+        hidden_c = hidden.to(loss_dtype)
+        if head.weight.dtype == torch.float32 and loss_dtype in (torch.bfloat16, torch.float16):
+            # fp32 master head: the loss casts it once per optimizer step (not per micro-batch) and returns
+            # its gradient in fp32, accumulated in fp32 across row chunks
+            weight_c, bias_c = head.weight, head.bias
+        else:
+            weight_c = head.weight.to(loss_dtype)
+            bias_c = None if head.bias is None else head.bias.to(loss_dtype)
         out = leafe_loss(
             hidden_c,
             weight_c,
@@ -210,12 +246,9 @@ class LeafeCausalLM(nn.Module):
             batch.targets,
             batch.weights,
             batch.group,
-            lambdas=self.lambdas,
+            options=self.loss_options,
             norms=norms,
             bias=bias_c,
-            z_loss=self.z_loss,
-            reduction="sum",
-            check_ranges=self.check_ranges,
         )
         if batch.rows.numel() == 0:
             # No targets: keep every parameter in the graph (zero gradient) so FSDP's reductions still run.
