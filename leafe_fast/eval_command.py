@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from leafe_fast.errors import UserError
-from leafe_fast.flags import add_config_flags, config_from_args
+from leafe_fast.flags import add_config_flags, config_from_args, key_value
 
 
 @dataclass
@@ -29,7 +29,9 @@ class EvalConfig:
 
     env: str = field(default="sokoban", metadata={"help": "registered environment name"})
     env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "environment constructor option, repeatable (VALUE is JSON, e.g. size=6)"})
+        "help": "options of the environment's constructor (--env-arg KEY=VALUE)", "cli": False})
+    task_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "extra arguments of the environment's task list (--task-arg KEY=VALUE)", "cli": False})
     split: Literal["train", "val", "test"] = field(default="test", metadata={"help": "task split"})
     tasks: int = field(default=16, metadata={"help": "number of tasks", "min": 1})
     task_seed: int = field(default=0, metadata={"help": "seed of the task list"})
@@ -37,7 +39,8 @@ class EvalConfig:
     k: tuple[int, ...] = field(default=(1,), metadata={"help": "k values of pass@k, each <= n", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature", "min": 0.0})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling, in (0, 1]", "min": 0.0, "max": 1.0})
-    max_new_tokens: int = field(default=64, metadata={"help": "token limit of one action", "min": 1})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "token limit of one action (none: the environment's limit, as in exploration)", "min": 1})
     max_turns: int = field(default=100, metadata={"help": "cap on steps per episode", "min": 1})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "torch device (none: cuda if available, else cpu)"})
@@ -59,6 +62,10 @@ class EvalConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="local model directory (config, weights, tokenizer)")
+    p.add_argument("--env-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the environment's constructor, repeatable (VALUE is JSON, e.g. size=6)")
+    p.add_argument("--task-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra argument of the environment's task list, repeatable")
     add_config_flags(p, EvalConfig)
 
 
@@ -72,29 +79,33 @@ def _check_model_dir(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(EvalConfig, args).validate()
+    cfg = config_from_args(EvalConfig, args)
+    cfg.env_kwargs.update(dict(args.env_arg))
+    cfg.task_kwargs.update(dict(args.task_arg))
+    cfg.validate()
     _check_model_dir(args.model)
 
     from leafe_fast.data.chat import ChatFormat
     from leafe_fast.engines.base import SamplingParams
     from leafe_fast.engines.hf import HFEngine
-    from leafe_fast.envs.registry import available_envs, list_tasks, make_env
+    from leafe_fast.envs.registry import (action_token_limit, available_envs, check_env_args, check_task_args,
+                                          list_tasks, make_env)
     from leafe_fast.eval import evaluate
 
     if cfg.env not in available_envs():
         raise UserError("--env", f"unknown environment {cfg.env!r}", f"choose one of {available_envs()}")
-    try:
-        env = make_env(cfg.env, **cfg.env_kwargs)
-    except TypeError as e:  # an unknown constructor keyword: caught before the model loads
-        raise UserError("--env-kwargs", f"{cfg.env} does not accept {sorted(cfg.env_kwargs)} ({e})",
-                        "pass only options of the environment's constructor") from None
-    tasks = list_tasks(cfg.env, cfg.split, cfg.tasks, seed=cfg.task_seed)
+    # unknown --env-arg/--task-arg keys fail here, before the model loads
+    check_env_args(cfg.env, cfg.env_kwargs)
+    check_task_args(cfg.env, cfg.task_kwargs)
+    env = make_env(cfg.env, **cfg.env_kwargs)
+    tasks = list_tasks(cfg.env, cfg.split, cfg.tasks, seed=cfg.task_seed, **cfg.task_kwargs)
     if not tasks:
         raise UserError("--split", f"{cfg.env} has no {cfg.split} tasks", "choose another split or environment")
+    max_new_tokens = cfg.max_new_tokens or action_token_limit(cfg.env)
     engine = HFEngine(str(args.model), device=cfg.device, max_batch_size=cfg.max_batch_size, seed=cfg.seed)
     try:
         chat = ChatFormat.from_tokenizer(engine.tokenizer)
-        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens)
         positions = getattr(engine.model.config, "max_position_embeddings", None)
         result = evaluate(
             engine, chat, env, tasks, n=cfg.n, ks=cfg.k, sampling=sampling, max_turns=cfg.max_turns,

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, Union
 
 from leafe_fast.errors import UserError
 
-__all__ = ["add_config_flags", "config_from_args", "config_from_dict", "config_flag_names", "NONE_WORDS"]
+__all__ = ["add_config_flags", "config_from_args", "config_from_dict", "config_flag_names", "key_value", "NONE_WORDS"]
 
 C = TypeVar("C")
 NONE_WORDS = ("none", "null")  # how a user sets an Optional field to None on the command line
@@ -174,6 +174,18 @@ def _convert(text: str, elem: Any) -> Any:
     return elem(text)
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(key, value)``, VALUE parsed as JSON when it is JSON (``size=6`` -> 6,
+    ``name=x`` -> "x"). An argparse ``type=`` for repeatable dict flags (``--env-arg``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw  # a bare word is a string
+
+
 def _converter(kind: _Kind, meta: Mapping[str, Any]) -> Callable[[str], Any]:
     """An argparse ``type=``: str -> value, or ArgumentTypeError (argparse names the flag)."""
 
@@ -185,14 +197,7 @@ def _converter(kind: _Kind, meta: Mapping[str, Any]) -> Callable[[str], Any]:
                 low = text.lower()
                 return True if low == "true" else False if low == "false" else text
             if kind.shape == "dict":
-                key, sep, raw = text.partition("=")
-                if not sep or not key:
-                    raise ValueError(f"expected KEY=VALUE, got {text!r}")
-                try:
-                    value = json.loads(raw)
-                except json.JSONDecodeError:
-                    value = raw  # a bare word is a string
-                return key, value
+                return key_value(text)
             if kind.shape == "seq":  # `--k 1,2,4` and `--k 1 2 4` both work
                 values = [_convert(t.strip(), kind.elem) for t in text.split(",") if t.strip()]
                 for v in values:
@@ -201,7 +206,7 @@ def _converter(kind: _Kind, meta: Mapping[str, Any]) -> Callable[[str], Any]:
             value = _convert(text, kind.elem)
             _check_range(value, meta)
             return value
-        except ValueError as e:
+        except ValueError as e:  # ArgumentTypeError passes through as is
             raise argparse.ArgumentTypeError(str(e)) from None
 
     parse.__name__ = _type_word(kind.elem)  # argparse's fallback wording

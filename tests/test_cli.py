@@ -78,6 +78,8 @@ def test_eval_cli_on_a_saved_tiny_model(tmp_path, capsys):
     (["--model", "{model}", "--n", "2", "--k", "4"], "--k: k=4 > n=2"),
     (["--model", "{model}", "--env", "chess"], "--env: unknown environment 'chess'"),
     (["--model", "{model}", "--out", "{model}"], "--out: {model} is a directory"),
+    (["--model", "{model}", "--env-arg", "no_such_option=1"], "--env-arg: "),
+    (["--model", "{model}", "--task-arg", "no_such_option=1"], "--task-arg: "),
 ])
 def test_eval_user_errors_are_one_line_naming_the_flag(argv, words, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
