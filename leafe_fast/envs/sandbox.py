@@ -2,49 +2,70 @@
 
 Each call gets its own temporary directory, removed afterwards, and runs one or several jobs (the
 same program on several test inputs) in one launch of the privileged helper
-:mod:`leafe_fast.envs._sandbox_init`. Every job has: CPU time (``RLIMIT_CPU``), wall time (killed
-by the launcher), address space (``RLIMIT_AS``), process count (``RLIMIT_NPROC``), size of any file
-it writes, stdout included (``RLIMIT_FSIZE``), open files, no core dumps; stdin from the test
-input, stdout/stderr captured to files (so output is bounded and nothing can dead-lock on a pipe);
-an environment of a few fixed variables; Python runs isolated (``-I -S -B``).
+:mod:`leafe_fast.envs._sandbox_init`. Every job has: CPU time, wall time (killed by the launcher),
+address space (``RLIMIT_AS``), process count (``RLIMIT_NPROC``), size of any file it writes
+(``RLIMIT_FSIZE``), open files, no core dumps, no POSIX message queues; stdin from the test input;
+stdout and stderr on pipes the launcher reads with a cap (past ``Limits.max_output_bytes`` the job
+is killed: ``output_limit``), so nothing the job does to its stdio reaches the host's disk; an
+environment of a few fixed variables; ``PR_SET_NO_NEW_PRIVS`` (setuid and file-capability
+binaries run with the job's own rights); a seccomp filter on x86_64 (keyrings, ptrace, mount,
+namespaces, BPF, perf, modules, kexec, io_uring, userfaultfd, memfd and other calls a judged
+program never needs fail with EPERM). Python runs isolated (``-I -S -B``).
+
+The CPU time that decides the verdict (and ``RunResult.cpu_seconds``) is that of the job's whole
+process tree, children reaped or not: every process is reaped in the end by init or by a parent
+init reaped, and the filter refuses the one way around it (ignoring SIGCHLD, which makes the kernel
+reap children without counting their time). While the job runs, the tree is sampled every 50 ms
+and killed once it passes the limit.
 
 Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest that works here):
 
-``namespaces`` (needs root; what CI and the project machines use). Verified by the tests:
+``namespaces`` (needs root; what CI and the project machines use). Verified by the tests
+(``tests/test_sandbox.py``, ``tests/test_sandbox_containment.py``):
   * network: a fresh network namespace with only a loopback device that is down, so no
     connection leaves the sandbox, not even to the host's 127.0.0.1;
   * files: a fresh mount namespace and a minimal root (pivot_root into a small tmpfs) that holds
     only /usr, /bin, /lib*, /sbin, /etc and the interpreter's prefix, all read-only, a /dev with
     null, zero, full, random and urandom, its own /proc, and the work directory as ``/tmp`` (also
     cwd, HOME, TMPDIR), the only writable place: a tmpfs of ``Limits.max_disk_bytes``, so the
-    program's files together cannot fill the host's disk (they count against memory). Home directories, /work, /var, /opt, /dev/shm
-    and the host's /tmp do not exist inside; site-packages and
-    this library's own directory (which holds the shipped problems with their hidden tests) are
-    covered by empty tmpfs, so a policy cannot read the answers;
+    program's files together cannot fill the host's disk (they count against memory). Every
+    mount is ``nosuid,nodev`` (the device nodes keep dev). Home directories, /work, /var, /opt,
+    /dev/shm and the host's /tmp do not exist inside; site-packages and this library's own
+    directory (which holds the shipped problems with their hidden tests) are covered by empty
+    tmpfs, so a policy cannot read the answers;
+  * kernel-held memory: a fresh IPC namespace whose quotas are zero (no System V shared memory,
+    message queues or semaphores, ``shm_rmid_forced``, no POSIX message queues), and no
+    ``memfd_create`` (filter), so no memory escapes the per-process limits that way;
   * processes: each launch runs as a fresh uid (``1_000_000 + launcher pid``), so the per-uid
     ``RLIMIT_NPROC`` really is this sandbox's limit (root ignores it; a shared uid such as
-    ``nobody`` would share it between concurrent sandboxes); a PID namespace whose init kills
-    everything left after each job, and which the kernel empties when init exits;
+    ``nobody`` would share it between concurrent sandboxes); each job in a user namespace of its
+    own (same uid), so keyrings and other per-user kernel state die with the job and a later run
+    that gets the same uid finds nothing; a PID namespace whose init kills everything left after
+    each job, and which the kernel empties when init exits;
   * the program cannot signal or trace host processes (other uid) nor see them (own ``/proc``).
-  Not covered: total memory is per process (``RLIMIT_AS`` x process limit); threads count as
-  processes; no seccomp filter (the kernel attack surface is that of an ordinary unprivileged process).
+  Not covered: total memory is per process (``RLIMIT_AS`` x process limit) plus kernel buffers
+  bounded by the fd and process limits (pipes, sockets); threads count as processes; no cgroup
+  (the machines this was built on offer cgroup v1 only, the memory hierarchy owned by the host's
+  own supervisor); the kernel attack surface is that of an unprivileged process minus the filter.
 
 ``userns`` (unprivileged users, where the kernel allows user namespaces; Linux >= 5.14): the same
-  namespaces and minimal root, entered as root of a new user namespace; each job then runs as uid
+  namespaces, quotas (where the kernel lets a namespace root set them; ``info["ipc_quotas"]``),
+  filter and minimal root, entered as root of a new user namespace; each job then runs as uid
   1000 of its own nested user namespace, so exec leaves it no capabilities and the read-only
   mounts are locked. ``RLIMIT_NPROC`` is counted per user namespace on these kernels, so it is the
   job's own. The difference from ``namespaces``: on the host the job is the invoking user, so the
   host grants it that user's file permissions, which only matter for the read-only system
   directories it sees.
 
-``rlimits`` (fallback where neither works): the same resource limits (but the work directory is on
-  the host's disk, bounded only per file and by CPU time), a new session per job whose
-  process group is killed afterwards, and a Python audit hook that refuses socket creation,
-  connect, bind and name resolution. Weaker, and said so: native code (ctypes) bypasses the
-  audit hook; the program sees the host's files (writes limited by permissions). As root, jobs
-  still run as a fresh uid, and everything of that uid is killed after each job. As another
-  user, ``RLIMIT_NPROC`` counts all of the user's processes, so it is set to the current count
-  plus the limit, and a child that calls ``setsid`` escapes the group kill.
+``rlimits`` (fallback where neither works): the same resource limits, output pipes, no-new-privs
+  and filter (but the work directory is on the host's disk, bounded only per file and by CPU
+  time; System V IPC is the host's), a new session per job whose process group is killed
+  afterwards, and a Python audit hook that refuses socket creation, connect, bind and name
+  resolution. Weaker, and said so: native code (ctypes) bypasses the audit hook; the program sees
+  the host's files (writes limited by permissions). As root, jobs still run as a fresh uid, and
+  everything of that uid is killed after each job. As another user, ``RLIMIT_NPROC`` counts all
+  of the user's processes, so it is set to the current count plus the limit, and a child that
+  calls ``setsid`` escapes the group kill (and its CPU time the verdict).
 
 Adding a language: a :class:`Language` with its run command (and compile command, run as a first
 job in the same work directory); see :data:`PYTHON`.
