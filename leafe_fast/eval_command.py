@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     # unknown --env-arg/--task-arg keys fail here, before the model loads
     check_env_args(cfg.env, cfg.env_kwargs)
     check_task_args(cfg.env, cfg.task_kwargs)
+    if cfg.env_kwargs.get("reveal_hidden_tests"):  # the policy would see held-out tests mid-episode
+        raise UserError("--env-arg reveal_hidden_tests", "evaluation never shows hidden tests to the policy",
+                        "drop it (it is off by default)")
     env = make_env(cfg.env, **cfg.env_kwargs)
     tasks = list_tasks(cfg.env, cfg.split, cfg.tasks, seed=cfg.task_seed, **cfg.task_kwargs)
     if not tasks:

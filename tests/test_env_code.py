@@ -428,3 +428,13 @@ def test_judgement_cache_tells_apart_problems_that_share_a_name() -> None:
     env.reset(Problem.from_record(other).to_task())
     result = env.step(RIGHT)
     assert not result.success and result.info["verdict"] == "wrong_answer"
+
+
+def test_eval_refuses_to_reveal_hidden_tests(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from leafe_fast.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["eval", "--model", str(tmp_path), "--env", "code", "--env-arg", "reveal_hidden_tests=true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--env-arg reveal_hidden_tests" in err and err.count("\n") == 1
