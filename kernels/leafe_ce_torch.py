@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .leafe_ce_operands import NO_GRADS, GradNeeds, LossHead
+
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 22  # 4M logits per block: 16 MiB in fp32
 
 
@@ -35,18 +37,9 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: f
     return z
 
 
-def forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None,
-    max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(head: LossHead, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(lse [M], target_logit [M])`` in the compute dtype."""
-    lse, tgt, *_ = _chunk_pass(hidden, weight, bias, rows, targets, None, None, softcap, 0.0,
-                               False, False, False, max_chunk_elems)
+    lse, tgt, *_ = _chunk_pass(head, None, None, NO_GRADS, max_chunk_elems)
     return lse, tgt
 
 
@@ -60,23 +53,17 @@ def _dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch
 
 
 def _chunk_pass(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
+    head: LossHead,
     g_rows: torch.Tensor | None,
     lse: torch.Tensor | None,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
+    needs: GradNeeds,
     max_chunk_elems: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The one chunk loop of all three passes. ``lse=None``: compute lse and the target logit here
     (forward, gradient-in-forward), else reuse the saved lse (recompute). No gradient asked for
     (forward): no dlogits, ``g_rows`` unused."""
+    hidden, weight, bias, rows, targets, softcap, z_loss = head
+    need_hidden, need_weight, need_bias = needs
     cdt = _compute_dtype(hidden.dtype)
     m, v = rows.numel(), weight.shape[0]
     dev = hidden.device
@@ -117,41 +104,27 @@ def _chunk_pass(
 
 
 def backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
+    head: LossHead,
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
+    needs: GradNeeds,
+    schedule: str | None = None,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_i grad_rows[i] * (lse_i - z_{i,t_i} + z_loss * lse_i**2)`` (recompute pass).
 
     d logit_ij = grad_i * (softmax_ij * (1 + 2 z_loss lse_i) - [j == t_i]), times the soft-cap
     derivative ``1 - (z_ij / cap)**2`` when capping. d_hidden accumulates repeated rows (index_add).
+    ``schedule`` is accepted for the op-set interface; the torch twin has one.
     """
-    return _chunk_pass(hidden, weight, bias, rows, targets, grad_rows, lse, softcap, z_loss,
-                  need_hidden, need_weight, need_bias, max_chunk_elems)[2:]
+    del schedule
+    return _chunk_pass(head, grad_rows, lse, needs, max_chunk_elems)[2:]
 
 
 def forward_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    row_scale: torch.Tensor,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
+    head: LossHead,
+    row_scale: torch.Tensor | None,
+    needs: GradNeeds,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradient in forward: one logits pass gives lse, target logit and the gradients of
@@ -159,5 +132,4 @@ def forward_backward(
     up front, as they are for the scalar reductions. Each chunk holds its whole row of V logits, so
     the normaliser is known before the gradient is formed.
     """
-    return _chunk_pass(hidden, weight, bias, rows, targets, row_scale, None, softcap, z_loss,
-                  need_hidden, need_weight, need_bias, max_chunk_elems)
+    return _chunk_pass(head, row_scale, None, needs, max_chunk_elems)

@@ -1,57 +1,105 @@
-"""Triton kernels for the fused LM head + cross-entropy over selected rows (recompute family).
+"""Triton kernels for the fused LM head + cross-entropy over selected rows.
 
-Pass 1, ``_lse_fwd_kernel``: grid (row blocks, V splits). Each program gathers ``BLOCK_M`` rows of
-``hidden`` through ``rows``, walks its V range in ``BLOCK_V`` tiles, builds each logits tile with
-``tl.dot`` over ``BLOCK_D`` slices of H (fp32 accumulation), applies bias and soft-cap, and keeps an
-online log-sum-exp plus the target logit. Partial results ``[splits, M]`` are merged by a tiny torch
-``logsumexp``: splitting V keeps a 132-SM GPU busy when M is only a few thousand rows.
+Three schedules share the row gather (``hidden[rows]`` is gathered once per call into a contiguous
+``[M, D]`` block, so the kernels index rows with 32-bit offsets instead of per-element 64-bit gathered
+row addresses):
 
-Pass 2 recomputes each logits tile and forms ``dlogits = g_i * (softmax * (1 + 2 z lse_i) - onehot)``
-(times the soft-cap derivative) from the saved ``lse``; only ``[M]`` floats cross between passes. Two
-schedules for what follows, chosen by ``BACKWARD_MODE`` (env ``LEAFE_CE_BACKWARD``):
+- ``"chunked"`` (gradient in forward, 6·M·H·V flops): per chunk of rows sized to ``LOGITS_BUDGET_BYTES``,
+  fp32 logits ``[R, V]`` by cuBLAS, then ``_row_grad_kernel`` (one program per row: online max/sum-exp
+  in fp32, then the unscaled dlogits written in place over the logits buffer in the input dtype), then
+  cuBLAS ``d_rows = dz @ W`` (fp32 out, scaled per row afterwards) and ``d_weight += dz^T (g h)``
+  (addmm; fp32 accumulation into an fp32 weight gradient when the weight is the fp32 master).
+- ``"gemm"`` / ``"atomic"`` (recompute, 8·M·H·V flops): ``_lse_fwd_kernel`` keeps an online
+  log-sum-exp per row and V split; the backward recomputes each logits tile. "gemm": ``_dz_kernel``
+  writes dlogits per V chunk, cuBLAS does both matmuls. "atomic": ``_ce_bwd_kernel`` does both matmuls
+  with fp32 atomics.
 
-- ``"gemm"`` (default), ``_dz_kernel``: per V chunk, write dlogits ``[M, Vc]`` in the input dtype
-  (``DZ_CHUNK_BYTES`` bounds it), then cuBLAS: ``d_weight[chunk] = dz.T @ hidden[rows]`` (K = M, one
-  rounding, written once) and ``d_rows += dz @ W[chunk]`` in fp32.
-- ``"atomic"``, ``_ce_bwd_kernel``: both matmuls inside the kernel, added with fp32 atomics into
-  ``d_rows [U, H]`` (U distinct rows) and an fp32 ``d_weight`` chunk (``DW_CHUNK_BYTES``). No dlogits
-  buffer, but the atomics contend.
+fp16 safety: dlogits are cast to the input dtype *unscaled* (``p * (1 + 2 z_loss lse) - onehot``,
+times the soft-cap derivative); the per-row upstream gradient ``g`` is applied in fp32 after the
+matmuls: exactly per row for ``d_hidden``, and through ``g / max|g|`` on the rows of ``hidden`` (times
+``max|g|`` at the end) for ``d_weight``. With global normalisers ``g`` is ~1e-6, and folding it into
+fp16 dlogits used to flush almost all of them to zero.
 
-Repeated rows meet in the fp32 ``[U, H]`` row gradients before the scatter into ``d_hidden``. dlogits
-are cast to the input dtype for the tensor cores (as Liger and CCE do); accumulation stays fp32.
-Cost: 2·M·H·V flops forward + 6·M·H·V backward. Never an ``[M, V]`` tensor.
-Runs on CUDA, or on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, small tiles).
+Host syncs: none in the launchers (no ``torch.unique``, no ``.item()``); repeated rows meet through
+``index_add_`` into ``d_hidden``. Runs on CUDA, or on the CPU through the Triton interpreter
+(``TRITON_INTERPRET=1``, one small config).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from .leafe_ce_operands import GradNeeds, LossHead
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DW_CHUNK_BYTES = 128 << 20  # "atomic" mode: fp32 d_weight staging buffer per V chunk (bf16/fp16 weights)
-DZ_CHUNK_BYTES = 64 << 20  # "gemm" mode: dlogits buffer [M, Vc] per V chunk (extra-memory budget 0.25 GiB)
-# Backward schedule, see backward(). Which one is faster on an H100 is still to be measured
-# (benchmarks/bench_loss.py runs both); "gemm" is the default because its two big matmuls run in cuBLAS.
-BACKWARD_MODE = os.environ.get("LEAFE_CE_BACKWARD", "gemm")
+DW_CHUNK_BYTES = 128 << 20  # "atomic": fp32 d_weight staging buffer per V chunk (bf16/fp16 weights)
+DZ_CHUNK_BYTES = 64 << 20  # "gemm": dlogits buffer [M, Vc] per V chunk
+LOGITS_BUDGET_BYTES = 256 << 20  # "chunked": the fp32 logits chunk [R, V] (the 0.25 GiB extra budget)
+SMEM_LIMIT_BYTES = 227 * 1024  # sm_90 opt-in shared memory per block; the device's own value is used on CUDA
+SCHEDULES = ("gemm", "atomic")
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    if INTERPRET:  # one small config: the interpreter is slow and tl.dot wants tiles >= 16
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
-    if kind in ("fwd", "dz"):
-        shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 256, 32, 8, 4), (64, 128, 64, 4, 4)]
-    else:
-        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bm, bv, bd, w, s in shapes
-    ]
+# --------------------------------------------------------------------------------------------------
+# configs
+
+# (BLOCK_M, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen so that every variant compiles for sm_90
+# and sm_80 in bf16/fp16 within shared memory and without register spills (tests/test_kernel_compile.py).
+FWD_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+DZ_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+BWD_SHAPES = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]
+ROW_SHAPES = [(1024, 4, 1), (2048, 8, 1), (4096, 8, 1)]  # (BLOCK_V, num_warps, num_stages)
+INTERPRET_SHAPE = (16, 32, 16, 4, 1)  # the interpreter is slow and tl.dot wants tiles >= 16
+
+
+def _tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRET:
+        shapes = [INTERPRET_SHAPE]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bm, bv, bd, w, s in shapes]
+
+
+def _row_configs() -> list[triton.Config]:
+    shapes = [(32, 4, 1)] if INTERPRET else ROW_SHAPES
+    return [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=s) for bv, w, s in shapes]
+
+
+def tile_smem_bytes(cfg: triton.Config, elem_bytes: int, atomic: bool = False) -> int:
+    """Shared-memory estimate of a tile config: pipelined operand tiles (+ the atomic kernel's dz tile)."""
+    bm, bv, bd = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_V"], cfg.kwargs["BLOCK_D"]
+    need = max(1, cfg.num_stages) * (bm + bv) * bd * elem_bytes
+    if atomic:
+        need += bm * bv * elem_bytes
+    return need
+
+
+def _smem_limit(device: torch.device) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT_BYTES))
+    return SMEM_LIMIT_BYTES
+
+
+def _prune_by_smem(atomic: bool) -> Callable[..., list[triton.Config]]:
+    """``early_config_prune``: drop configs whose tiles exceed the device's shared memory (keep the smallest
+    if none fits), so a GPU with less shared memory than an H100 never starts a config that cannot launch."""
+
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
+        w = named_args["W_ptr"]
+        limit = _smem_limit(w.device)
+        fits = [c for c in configs if tile_smem_bytes(c, w.element_size(), atomic) <= limit]
+        return fits or [min(configs, key=lambda c: tile_smem_bytes(c, w.element_size(), atomic))]
+
+    return prune
+
+
+# --------------------------------------------------------------------------------------------------
+# shared device functions
 
 
 @triton.jit
@@ -70,16 +118,23 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(H_ptr, W_ptr, B_ptr, row, m_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
+def _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_M, BLOCK_V] fp32 logits of the gathered rows against a tile of the vocabulary."""
+    """[BLOCK_M, BLOCK_V] fp32 logits of gathered rows m0.. against vocabulary rows v0.. (0 off-range).
+    Offsets stay 32-bit (the launchers check M*D and V*D < 2**31): fewer address registers."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    m_mask = offs_m < M
+    v_mask = offs_v < V
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        h = tl.load(H_ptr + row[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        h = tl.load(H_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
+                    other=0.0)
         acc = _dot(h, tl.trans(w), acc, DOT_PREC, UPCAST)
     if HAS_BIAS:
         acc += tl.load(B_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
@@ -89,128 +144,201 @@ def _logits_tile(H_ptr, W_ptr, B_ptr, row, m_mask, offs_v, v_mask, D, stride_h, 
 
 
 @triton.jit
-def _dlogits_program(H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap,
-                     lse_ptr, g_ptr, DB_ptr, v_lo, v_hi, z_loss,
-                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                     COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The part both backward schedules share: this program's fp32 ``[BLOCK_M, BLOCK_V]`` tile of
-    g_i * (softmax * (1 + 2 z_loss lse_i) - onehot) * softcap' (0 off-range), for row block
-    ``program_id(0)`` and V tile ``program_id(1)`` of the chunk ``[v_lo, v_hi)``. Adds the tile's
-    column sums into d_bias when asked; returns the tile and its coordinates (offs_m, m_mask, row,
-    offs_v, v_mask). Inlined into each kernel, so sharing it costs nothing in the generated code."""
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
-    offs_v = (v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    v_mask = offs_v < v_hi
-    tgt = tl.load(tgt_ptr + offs_m, mask=m_mask, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
-    g = tl.load(g_ptr + offs_m, mask=m_mask, other=0.0)
-    z = _logits_tile(H_ptr, W_ptr, B_ptr, row, m_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
-                     HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
+def _unscaled_dlogits(z, lse, tgt, offs_v, valid, softcap, z_loss, SOFTCAP: tl.constexpr):
+    """``(softmax * (1 + 2 z_loss lse) - onehot) * softcap'`` in fp32, 0 where not ``valid``: the row's
+    upstream gradient is applied by the caller, after the cast (fp16 underflow, see the module doc)."""
     p = tl.exp(z - lse[:, None])
-    dz = p * (g * (1.0 + 2.0 * z_loss * lse))[:, None] - tl.where(offs_v[None, :] == tgt[:, None], g[:, None], 0.0)
+    dz = p * (1.0 + 2.0 * z_loss * lse)[:, None] - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
     if SOFTCAP:
         zc = z / softcap
         dz = dz * (1.0 - zc * zc)
-    dz = tl.where(m_mask[:, None] & v_mask[None, :], dz, 0.0)
-    if COMPUTE_DB:
-        tl.atomic_add(DB_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)
-    return dz, offs_m, m_mask, row, offs_v, v_mask
+    return tl.where(valid, dz, 0.0)
 
 
-# Every kernel starts with the same operands, in the order _Head.args() gives them:
-#   H_ptr, W_ptr, B_ptr: hidden [N, D], weight [V, D], bias [V] (dummy when HAS_BIAS is False)
-#   rows_ptr, tgt_ptr:   int64 [M], the selected rows of hidden and their targets
-#   M, V, D, stride_h, stride_w, softcap (1.0 when SOFTCAP is False)
+# Every tile kernel starts with the same operands, in the order _args() gives them:
+#   H_ptr:  the gathered rows hidden[rows], contiguous [M, D]
+#   W_ptr, B_ptr: weight [V, D], bias [V] (a dummy pointer when HAS_BIAS is False)
+#   tgt_ptr: int64 [M] targets;  M, V, D, stride_h, stride_w, softcap (1.0 when SOFTCAP is False)
 
 
-@triton.autotune(configs=_configs("fwd"), key=["D", "V"])
+@triton.autotune(configs=_tile_configs(FWD_SHAPES), key=["D", "V"], reset_to_zero=["s_part_ptr", "tgt_part_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_by_smem(False)})
 @triton.jit
 def _lse_fwd_kernel(
-    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
-    lse_part_ptr, tgt_part_ptr,  # fp32 [splits, M]: per-split log-sum-exp and target logit (0 if absent)
-    v_per_split,
+    H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+    m_part_ptr, s_part_ptr, tgt_part_ptr,  # fp32 [max_splits, M]: running max, sum of exp, target logit
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Grid (row blocks, V splits). The split count follows the config the autotuner picked (the grid
+    reads BLOCK_M); rows of the partial buffers beyond it keep s = 0 and merge away."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
     tgt = tl.load(tgt_ptr + offs_m, mask=m_mask, other=-1)
+    v_per_split = tl.cdiv(tl.cdiv(V, tl.num_programs(1)), BLOCK_V) * BLOCK_V
     v_start = pid_s * v_per_split
     v_end = tl.minimum(V, v_start + v_per_split)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
-        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        z = _logits_tile(H_ptr, W_ptr, B_ptr, row, m_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
+        z = _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
                          HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-        hit = (offs_v[None, :] == tgt[:, None]) & v_mask[None, :]  # a tile may overhang into the next split
+        hit = (offs_v[None, :] == tgt[:, None]) & v_mask[None, :]
         t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
-    lse = tl.where(s_i > 0, m_i + tl.log(tl.maximum(s_i, 1e-30)), float("-inf"))  # empty split: -inf, merged away
-    tl.store(lse_part_ptr + pid_s * M + offs_m, lse, mask=m_mask)
+    tl.store(m_part_ptr + pid_s * M + offs_m, m_i, mask=m_mask)
+    tl.store(s_part_ptr + pid_s * M + offs_m, s_i, mask=m_mask)
     tl.store(tgt_part_ptr + pid_s * M + offs_m, t_i, mask=m_mask)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["D", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"])
+@triton.jit
+def _dlogits_program(H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+                     lse_ptr, g_ptr, DB_ptr, v_lo, v_hi, z_loss,
+                     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                     COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The part both recompute schedules share: this program's unscaled fp32 dlogits tile for row block
+    ``program_id(0)`` and V tile ``program_id(1)`` of the chunk ``[v_lo, v_hi)``, and each row's upstream
+    gradient g. Adds the g-scaled column sums into d_bias (fp32) when asked. Inlined into each kernel."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    v0 = v_lo + pid_v * BLOCK_V
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < v_hi
+    tgt = tl.load(tgt_ptr + offs_m, mask=m_mask, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
+    g = tl.load(g_ptr + offs_m, mask=m_mask, other=0.0)
+    z = _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
+                     HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
+    dz = _unscaled_dlogits(z, lse, tgt, offs_v, m_mask[:, None] & v_mask[None, :], softcap, z_loss, SOFTCAP)
+    if COMPUTE_DB:
+        tl.atomic_add(DB_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=v_mask)
+    return dz, g, m0, v0, offs_m, m_mask, offs_v, v_mask
+
+
+@triton.autotune(configs=_tile_configs(BWD_SHAPES), key=["D", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_by_smem(True)})
 @triton.jit
 def _ce_bwd_kernel(
-    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
-    dh_index_ptr,  # int64 [M]: each row's slot in DH
-    lse_ptr, g_ptr,  # fp32 [M]: saved log-sum-exp, upstream gradient of each row's loss
-    DH_ptr, DW_ptr, DB_ptr,  # fp32 [U, D], fp32 [v_hi - v_lo, D] (chunk), fp32 [V]
+    H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+    lse_ptr, g_ptr, gmax_ptr,  # fp32 [M], [M], [1]: saved log-sum-exp, upstream gradient per row, max |g|
+    DH_ptr, DW_ptr, DB_ptr,  # fp32 [M, D] row gradients, fp32 [v_hi - v_lo, D] (chunk), fp32 [V]
     v_lo, v_hi, z_loss,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    dz, offs_m, m_mask, row, offs_v, v_mask = _dlogits_program(
-        H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+    """"atomic" backward: both matmuls in the kernel. d_rows gets (dz @ W) * g in fp32; d_weight gets
+    ((dz * g / max|g|)^T @ h) * max|g|, so the low-precision operand never holds a tiny scaled value."""
+    dz, g, m0, v0, offs_m, m_mask, offs_v, v_mask = _dlogits_program(
+        H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
         v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
-    dz_lp = dz.to(H_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays fp32
-    slot = tl.load(dh_index_ptr + offs_m, mask=m_mask, other=0)
+    gmax = tl.load(gmax_ptr)
+    dz_lp = dz.to(H_ptr.dtype.element_ty)
+    dzw_lp = (dz * (g / gmax)[:, None]).to(H_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         if COMPUTE_DH:
-            w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-            dh = _dot(dz_lp, w, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST)
-            tl.atomic_add(DH_ptr + slot[:, None] * D + offs_d[None, :], dh, mask=m_mask[:, None] & d_mask[None, :])
+            w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            dh = _dot(dz_lp, w, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST) * g[:, None]
+            tl.atomic_add(DH_ptr + offs_m[:, None] * D + offs_d[None, :], dh, mask=m_mask[:, None] & d_mask[None, :])
         if COMPUTE_DW:
-            h = tl.load(H_ptr + row[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-            dw = _dot(tl.trans(dz_lp), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST)
-            tl.atomic_add(DW_ptr + (offs_v - v_lo)[:, None] * D + offs_d[None, :], dw, mask=v_mask[:, None] & d_mask[None, :])
+            h = tl.load(H_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            dw = _dot(tl.trans(dzw_lp), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST) * gmax
+            tl.atomic_add(DW_ptr + (offs_v - v_lo)[:, None] * D + offs_d[None, :], dw,
+                          mask=v_mask[:, None] & d_mask[None, :])
 
 
-@triton.autotune(configs=_configs("dz"), key=["D", "V"], reset_to_zero=["DB_ptr"])
+@triton.autotune(configs=_tile_configs(DZ_SHAPES), key=["D", "V"], reset_to_zero=["DB_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_by_smem(False)})
 @triton.jit
 def _dz_kernel(
-    H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+    H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
     lse_ptr, g_ptr,  # fp32 [M]
-    DZ_ptr, DB_ptr,  # dlogits chunk [M, v_hi - v_lo] in the input dtype (row stride ldz), fp32 [V]
+    DZ_ptr, DB_ptr,  # unscaled dlogits chunk [M, v_hi - v_lo] in the input dtype (row stride ldz), fp32 [V]
     ldz, v_lo, v_hi, z_loss,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """"gemm" backward, step 1: recompute logits, write dlogits for one V chunk (the two big matmuls
-    that follow are left to cuBLAS, which reaches a higher fraction of peak than atomics-bound tiles)."""
-    dz, offs_m, m_mask, _row, offs_v, v_mask = _dlogits_program(
-        H_ptr, W_ptr, B_ptr, rows_ptr, tgt_ptr, M, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+    """"gemm" backward, step 1: recompute logits, write unscaled dlogits for one V chunk (the two big
+    matmuls that follow run in cuBLAS)."""
+    dz, _g, _m0, _v0, offs_m, m_mask, offs_v, v_mask = _dlogits_program(
+        H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
         v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
     tl.store(DZ_ptr + offs_m[:, None].to(tl.int64) * ldz + (offs_v - v_lo)[None, :],
              dz.to(DZ_ptr.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _row_logits(z_row, B_ptr, offs, mask, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """A tile of one row of the fp32 logits chunk, with bias and soft-cap applied."""
+    z = tl.load(z_row + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.autotune(configs=_row_configs(), key=["V"])
+@triton.jit
+def _row_grad_kernel(
+    Z_ptr, B_ptr, tgt_ptr, lse_ptr, t_ptr, LIKE_ptr,
+    V, ldz, softcap, z_loss,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_DZ: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """"chunked": one program per row of the fp32 logits chunk ``Z [R, ldz]``. Pass 1: online max and
+    sum of exp (fp32) and the target logit -> lse, t. Pass 2 (COMPUTE_DZ): the unscaled dlogits, written
+    in place over the row in LIKE_ptr's dtype (row stride ``ldz * 4 / elem``): a tile's bytes land on
+    logits this program has already read, and a barrier orders the first tile's loads before its stores."""
+    r = tl.program_id(0).to(tl.int64)
+    z_row = Z_ptr + r * ldz
+    tgt = tl.load(tgt_ptr + r)
+    m_i = tl.full((BLOCK_V,), -1e30, dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    t_i = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.where(mask, _row_logits(z_row, B_ptr, offs, mask, softcap, HAS_BIAS, SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m_i, z)  # per-lane running max: one exp per element, merged at the end
+        s_i = s_i * tl.exp(m_i - m_new) + tl.exp(z - m_new)
+        m_i = m_new
+        t_i += tl.where(offs == tgt, z, 0.0)
+    m = tl.max(m_i, axis=0)
+    lse = m + tl.log(tl.sum(s_i * tl.exp(m_i - m), axis=0))
+    tl.store(lse_ptr + r, lse)
+    tl.store(t_ptr + r, tl.sum(t_i, axis=0))
+    if COMPUTE_DZ:
+        DZ_ptr = Z_ptr.to(tl.pointer_type(LIKE_ptr.dtype.element_ty))
+        ratio = 32 // LIKE_ptr.dtype.element_ty.primitive_bitwidth
+        dz_row = DZ_ptr + r * ldz * ratio
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            z = _row_logits(z_row, B_ptr, offs, mask, softcap, HAS_BIAS, SOFTCAP)
+            p = tl.exp(z - lse)
+            dz = p * (1.0 + 2.0 * z_loss * lse) - tl.where(offs == tgt, 1.0, 0.0)
+            if SOFTCAP:
+                zc = z / softcap
+                dz = dz * (1.0 - zc * zc)
+            tl.debug_barrier()
+            tl.store(dz_row + offs, dz.to(LIKE_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +346,11 @@ def _dz_kernel(
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent tf32 rounding
+    # fp32 inputs: tf32x3 (three tf32 products: ~fp32 accuracy on tensor cores) on a GPU; the interpreter
+    # computes in numpy anyway.
+    if dtype == torch.float32:
+        return "ieee" if INTERPRET else "tf32x3"
+    return "tf32"  # ignored for bf16/fp16 operands
 
 
 def _num_sms(device: torch.device) -> int:
@@ -227,48 +359,67 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: still exercise the split merge
 
 
-def _check(hidden: torch.Tensor) -> None:
+def _check(head: LossHead) -> None:
+    hidden, weight = head.hidden, head.weight
     if hidden.dtype == torch.float64:
-        raise TypeError("leafe_ce_triton: float64 is not supported by the kernels; use backend='torch'")
-    if hidden.stride(-1) != 1:
-        raise ValueError("leafe_ce_triton: hidden and weight must be contiguous in their last dimension")
+        raise TypeError("leafe_ce_triton: float64 is not supported by the kernels; use impl='torch'")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.stride(-1) != 1:  # a transposed weight would otherwise be read with the wrong layout
+            raise ValueError(f"leafe_ce_triton: {name} must be contiguous in its last dimension, strides {t.stride()}")
+    if head.bias is not None and head.bias.stride(0) != 1:
+        raise ValueError("leafe_ce_triton: bias must be contiguous")
     if hidden.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("leafe_ce_triton: needs CUDA tensors, or TRITON_INTERPRET=1 for the CPU interpreter")
 
 
-class _Head(NamedTuple):
-    """The operands every launch shares, and the kernel arguments derived from them."""
+_CAST_CACHE: dict[str, Any] = {}
 
-    hidden: torch.Tensor  # [N, D]
-    weight: torch.Tensor  # [V, D]
-    bias: torch.Tensor | None  # [V]
-    rows: torch.Tensor  # int64 [M]
-    targets: torch.Tensor  # int64 [M]
-    softcap: float | None
 
-    @property
-    def m(self) -> int:
-        return self.rows.numel()
+def compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in the matmul dtype. An fp32 master weight with bf16/fp16 hidden states is cast once per
+    version of the weight (the optimizer step bumps ``_version``), not once per micro-batch."""
+    if weight.dtype == dtype:
+        return weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device, dtype)
+    if _CAST_CACHE.get("key") != key:
+        _CAST_CACHE.clear()  # one entry: never hold two copies of a head
+        _CAST_CACHE["value"] = weight.detach().to(dtype).contiguous()
+        _CAST_CACHE["key"] = key
+    return _CAST_CACHE["value"]
 
-    @property
-    def v(self) -> int:
-        return self.weight.shape[0]
 
-    @property
-    def d(self) -> int:
-        return self.hidden.shape[1]
+class _Launch:
+    """Per-call operands in kernel form: rows gathered once, the weight in the matmul dtype."""
+
+    def __init__(self, head: LossHead) -> None:
+        _check(head)
+        self.head = head
+        self.dtype = head.hidden.dtype
+        self.weight = compute_weight(head.weight, self.dtype)
+        self.bias = head.bias
+        self.h_rows = head.hidden[head.rows].contiguous()  # [M, D]: block pointers, no per-element gather
+        self.targets = head.targets.contiguous()
+        self.m, self.v, self.d = head.m, head.v, head.d
+        self.device = head.hidden.device
+        if max(self.m, self.v) * self.d >= 2**31:
+            raise ValueError(f"leafe_ce_triton: M*H and V*H must stay below 2**31 (32-bit offsets); got M={self.m}, "
+                             f"V={self.v}, H={self.d}: split the rows into several calls")
 
     def args(self) -> tuple:
-        """The leading arguments of every kernel (see the comment above ``_lse_fwd_kernel``)."""
+        """The leading arguments of every tile kernel (see the comment above ``_lse_fwd_kernel``)."""
         bias = self.weight if self.bias is None else self.bias  # dummy pointer, never read
-        return (self.hidden, self.weight, bias, self.rows, self.targets, self.m, self.v, self.d,
-                self.hidden.stride(0), self.weight.stride(0), float(self.softcap or 1.0))
+        return (self.h_rows, self.weight, bias, self.targets, self.m, self.v, self.d,
+                self.h_rows.stride(0), self.weight.stride(0), float(self.head.softcap or 1.0))
 
     def flags(self) -> dict[str, bool | str]:
-        """Compile-time flags of every kernel."""
-        dtype = self.hidden.dtype
-        return {"HAS_BIAS": self.bias is not None, "SOFTCAP": bool(self.softcap),
-                "DOT_PREC": _dot_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
+        """Compile-time flags of every tile kernel."""
+        return {"HAS_BIAS": self.bias is not None, "SOFTCAP": bool(self.head.softcap),
+                "DOT_PREC": _dot_precision(self.dtype), "UPCAST": INTERPRET and self.dtype == torch.bfloat16}
+
+    def grad_scale(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g fp32 [M], max|g| [1])`` on the device (no host sync); max|g| is never 0."""
+        g = g.float().contiguous()
+        return g, g.abs().amax().clamp_min(1e-30).reshape(1)
 
 
 def _tile_grid(m: int, cols: int) -> Callable[[dict], tuple[int, int]]:
@@ -281,41 +432,70 @@ def _or_placeholder(buf: torch.Tensor | None, device: torch.device) -> torch.Ten
     return torch.empty(1, dtype=torch.float32, device=device) if buf is None else buf
 
 
-def forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None,
-    splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse [M], target_logit [M])`` fp32 for ``hidden[rows] @ weight.T (+ bias)`` (soft-capped)."""
-    _check(hidden)
-    head = _Head(hidden, weight, bias, rows, targets, softcap)
-    m, v, dev = head.m, head.v, hidden.device
+def _fwd_splits(m: int, v: int, block_m: int, device: torch.device) -> int:
+    """Enough programs for ~2 waves, each split at least 2048 columns."""
+    return max(1, min(triton.cdiv(2 * _num_sms(device), triton.cdiv(m, block_m)), triton.cdiv(v, 2048)))
+
+
+def forward(head: LossHead, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse [M], target_logit [M])`` fp32 by the fused online log-sum-exp kernel (recompute family)."""
+    run = _Launch(head)
+    m, v, dev = run.m, run.v, run.device
     if m == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
         return z, z.clone()
-    if splits is None:  # enough programs for ~2 waves, each split at least 2048 columns
-        row_blocks = triton.cdiv(m, 128)
-        splits = max(1, min(triton.cdiv(2 * _num_sms(dev), row_blocks), triton.cdiv(v, 2048)))
-    lse_part = torch.empty(splits, m, dtype=torch.float32, device=dev)
-    tgt_part = torch.empty(splits, m, dtype=torch.float32, device=dev)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)  # noqa: E731
-    _lse_fwd_kernel[grid](*head.args(), lse_part, tgt_part, triton.cdiv(v, splits), **head.flags())
-    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+    smallest_bm = min(c.kwargs["BLOCK_M"] for c in _lse_fwd_kernel.configs)
+    max_splits = splits or _fwd_splits(m, v, smallest_bm, dev)
+    m_part = torch.empty(max_splits, m, dtype=torch.float32, device=dev)
+    s_part = torch.zeros(max_splits, m, dtype=torch.float32, device=dev)
+    tgt_part = torch.zeros(max_splits, m, dtype=torch.float32, device=dev)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]), splits or _fwd_splits(m, v, meta["BLOCK_M"], dev)
+
+    _lse_fwd_kernel[grid](*run.args(), m_part, s_part, tgt_part, **run.flags())
+    # s = 0 (an empty split, or a row of the buffer the chosen config did not use) contributes nothing
+    lse = torch.logsumexp(m_part + torch.log(s_part), dim=0)
     return lse, tgt_part.sum(0)
 
 
-def _backward_atomic(head: _Head, lse: torch.Tensor, g: torch.Tensor, z_loss: float, slot: torch.Tensor,
-                     d_uniq: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 accumulation into ``acc`` (fp32 or the operands' dtype), no temporary."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # older torch: no dtype overload of addmm
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with an fp32 result from low-precision operands (fp32 accumulation, one rounding less)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out) if out is not None else \
+                torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # older torch: no out_dtype overload
+            pass
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _backward_atomic(run: _Launch, lse: torch.Tensor, g: torch.Tensor, gmax: torch.Tensor,
+                     d_rows: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
                      chunk_bytes: int | None) -> torch.Tensor | None:
-    """Fully fused backward: both matmuls inside the kernel, fp32 atomics into ``d_uniq [U, H]``, ``d_bias32``
-    and a bounded fp32 d_weight chunk (``chunk_bytes``). Returns d_weight."""
-    weight, v, d, dev = head.weight, head.v, head.d, head.hidden.device
-    d_weight = torch.zeros_like(weight) if need_weight else None
-    direct = need_weight and weight.dtype == torch.float32  # accumulate straight into the output
+    """Fully fused backward: both matmuls inside the kernel, fp32 atomics into ``d_rows [M, H]``,
+    ``d_bias32`` and a bounded fp32 d_weight chunk (``chunk_bytes``). Returns d_weight (matmul dtype
+    or fp32)."""
+    v, d, dev = run.v, run.d, run.device
+    direct = need_weight and run.head.weight.dtype == torch.float32  # accumulate straight into the output
+    d_weight = (torch.zeros(v, d, dtype=torch.float32, device=dev) if direct
+                else torch.empty(v, d, dtype=run.dtype, device=dev) if need_weight else None)
     if need_weight and not direct:
         chunk = max(1, (chunk_bytes or DW_CHUNK_BYTES) // (4 * d))
         chunk = chunk // 256 * 256 if chunk >= 256 else chunk  # tile-aligned chunks on real shapes
@@ -323,108 +503,153 @@ def _backward_atomic(head: _Head, lse: torch.Tensor, g: torch.Tensor, z_loss: fl
     else:
         chunk = v
         dw_buf = _or_placeholder(d_weight if direct else None, dev)
-    dh_buf, db_buf = _or_placeholder(d_uniq, dev), _or_placeholder(d_bias32, dev)
+    dh_buf, db_buf = _or_placeholder(d_rows, dev), _or_placeholder(d_bias32, dev)
     for v_lo in range(0, v, chunk):
         v_hi = min(v, v_lo + chunk)
         if need_weight and not direct:
             dw_buf.zero_()
-        _ce_bwd_kernel[_tile_grid(head.m, v_hi - v_lo)](
-            *head.args(), slot, lse, g, dh_buf, dw_buf, db_buf, v_lo, v_hi, z_loss, **head.flags(),
-            COMPUTE_DH=d_uniq is not None, COMPUTE_DW=need_weight, COMPUTE_DB=d_bias32 is not None,
+        _ce_bwd_kernel[_tile_grid(run.m, v_hi - v_lo)](
+            *run.args(), lse, g, gmax, dh_buf, dw_buf, db_buf, v_lo, v_hi, run.head.z_loss, **run.flags(),
+            COMPUTE_DH=d_rows is not None, COMPUTE_DW=need_weight, COMPUTE_DB=d_bias32 is not None,
         )
         if need_weight and not direct:
-            d_weight[v_lo:v_hi] = dw_buf[: v_hi - v_lo].to(weight.dtype)
+            d_weight[v_lo:v_hi] = dw_buf[: v_hi - v_lo].to(run.dtype)
     return d_weight
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result from low-precision operands (fp32 accumulation, one rounding less)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch: no out_dtype overload
-            pass
-    return a.float() @ b.float()
-
-
-def _backward_gemm(head: _Head, lse: torch.Tensor, g: torch.Tensor, z_loss: float, slot: torch.Tensor,
-                   d_uniq: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
+def _backward_gemm(run: _Launch, lse: torch.Tensor, g: torch.Tensor, gmax: torch.Tensor,
+                   d_rows: torch.Tensor | None, d_bias32: torch.Tensor | None, need_weight: bool,
                    chunk_bytes: int | None) -> torch.Tensor | None:
-    """Per V chunk: Triton writes dlogits [M, Vc] (input dtype, ``chunk_bytes``), cuBLAS does
-    d_weight[chunk] = dz.T @ h (K = M: one rounding, written once) and d_rows += dz @ W[chunk] (fp32),
-    added into ``d_uniq`` at the end. Memory: the dz chunk, the gathered rows [M, H] and fp32 [M, H]
-    row gradients. Returns d_weight."""
-    hidden, weight, m, v, dev = head.hidden, head.weight, head.m, head.v, head.hidden.device
-    cols = max(1, (chunk_bytes or DZ_CHUNK_BYTES) // (m * hidden.element_size()))
+    """Per V chunk: Triton writes unscaled dlogits [M, Vc] (input dtype, ``chunk_bytes``), cuBLAS does
+    d_weight[chunk] = dz.T @ (h g/max|g|) (K = M, written once, times max|g| at the end) and
+    d_rows += dz @ W[chunk] (addmm, fp32 accumulation, scaled by g per row by the caller)."""
+    m, v, dev = run.m, run.v, run.device
+    cols = max(1, (chunk_bytes or DZ_CHUNK_BYTES) // (m * run.h_rows.element_size()))
     cols = min(v, cols // 128 * 128 if cols >= 128 else cols)
-    dz_buf = torch.empty(m, cols, dtype=hidden.dtype, device=dev)
-    h_rows = hidden[head.rows] if need_weight else None
-    d_rows = None if d_uniq is None else torch.zeros(m, head.d, dtype=torch.float32, device=dev)
-    d_weight = torch.empty_like(weight) if need_weight else None
+    dz_buf = torch.empty(m, cols, dtype=run.dtype, device=dev)
+    h_scaled = (run.h_rows.float() * (g / gmax)[:, None]).to(run.dtype) if need_weight else None
+    d_weight = torch.empty(v, run.d, dtype=run.dtype, device=dev) if need_weight else None
     db_buf = _or_placeholder(d_bias32, dev)
     for v_lo in range(0, v, cols):
         v_hi = min(v, v_lo + cols)
         dz = dz_buf[:, : v_hi - v_lo]
         _dz_kernel[_tile_grid(m, v_hi - v_lo)](
-            *head.args(), lse, g, dz_buf, db_buf, dz_buf.stride(0), v_lo, v_hi, z_loss, **head.flags(),
+            *run.args(), lse, g, dz_buf, db_buf, dz_buf.stride(0), v_lo, v_hi, run.head.z_loss, **run.flags(),
             COMPUTE_DB=d_bias32 is not None,
         )
         if need_weight:
-            torch.mm(dz.T, h_rows, out=d_weight[v_lo:v_hi])
+            torch.mm(dz.T, h_scaled, out=d_weight[v_lo:v_hi])
         if d_rows is not None:
-            d_rows += _mm_f32(dz, weight[v_lo:v_hi])
-    if d_uniq is not None:
-        d_uniq.index_add_(0, slot, d_rows)  # repeated rows meet in fp32
+            _addmm_f32_(d_rows, dz, run.weight[v_lo:v_hi])
+    if d_weight is not None:
+        d_weight.mul_(gmax.to(d_weight.dtype))
     return d_weight
 
 
 _SCHEDULES = {"gemm": _backward_gemm, "atomic": _backward_atomic}
 
 
+def _finish(run: _Launch, needs: GradNeeds, d_rows: torch.Tensor | None, d_weight: torch.Tensor | None,
+            d_bias32: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Scatter the fp32 row gradients into ``d_hidden`` (repeated rows meet in index_add_) and cast."""
+    head = run.head
+    d_hidden = None
+    if needs.hidden:
+        d_hidden = torch.zeros_like(head.hidden).index_add_(0, head.rows, d_rows.to(head.hidden.dtype))
+    if d_weight is not None:
+        d_weight = d_weight.to(head.weight.dtype)
+    return d_hidden, d_weight, (d_bias32.to(head.bias.dtype) if needs.bias else None)
+
+
 def backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor,
-    targets: torch.Tensor,
+    head: LossHead,
     lse: torch.Tensor,
     grad_rows: torch.Tensor,
-    softcap: float | None,
-    z_loss: float,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    mode: str | None = None,
+    needs: GradNeeds,
+    schedule: str | None = "gemm",
     chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_i grad_rows[i] * loss_i`` w.r.t. hidden, weight and bias (None where not needed).
 
-    ``mode``: "gemm" (dlogits chunks + cuBLAS) or "atomic" (one fused kernel); default ``BACKWARD_MODE``.
-    ``chunk_bytes`` bounds the staging buffer of either mode (tests make it tiny to cross chunk edges).
-    Both schedules add row gradients into fp32 ``[U, H]`` (U distinct rows) and bias gradients into
-    fp32 ``[V]``; the scatter into ``d_hidden`` and the casts happen here.
+    ``schedule``: "gemm" (dlogits chunks + cuBLAS) or "atomic" (one fused kernel). ``chunk_bytes`` bounds
+    the staging buffer of either (tests make it tiny to cross chunk edges).
     """
-    _check(hidden)
-    mode = mode or BACKWARD_MODE
-    if mode not in _SCHEDULES:
-        raise ValueError(f"leafe_ce_triton.backward: mode must be 'gemm' or 'atomic', got {mode!r}")
-    head = _Head(hidden, weight, bias, rows, targets, softcap)
-    dev = hidden.device
-    if need_hidden:
-        uniq, slot = torch.unique(rows, return_inverse=True)
-        d_uniq = torch.zeros(uniq.numel(), head.d, dtype=torch.float32, device=dev)
-    else:
-        uniq, slot, d_uniq = None, rows, None
-    d_bias32 = torch.zeros(head.v, dtype=torch.float32, device=dev) if need_bias else None
-    d_weight = _SCHEDULES[mode](head, lse.float().contiguous(), grad_rows.float().contiguous(), float(z_loss),
-                                slot, d_uniq, d_bias32, need_weight, chunk_bytes)
-    d_hidden = None
-    if need_hidden:
-        d_hidden = torch.zeros_like(hidden)
-        d_hidden[uniq] = d_uniq.to(hidden.dtype)
-    return d_hidden, d_weight, (d_bias32.to(bias.dtype) if need_bias else None)
+    schedule = schedule or "gemm"
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"leafe_ce_triton.backward: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    run = _Launch(head)
+    g, gmax = run.grad_scale(grad_rows)
+    d_rows = torch.zeros(run.m, run.d, dtype=torch.float32, device=run.device) if needs.hidden else None
+    d_bias32 = torch.zeros(run.v, dtype=torch.float32, device=run.device) if needs.bias else None
+    d_weight = _SCHEDULES[schedule](run, lse.float().contiguous(), g, gmax, d_rows, d_bias32, needs.weight,
+                                    chunk_bytes)
+    if d_rows is not None and schedule == "gemm":
+        d_rows.mul_(g[:, None])  # the per-row scale, in fp32, after the matmul ("atomic" applies it in-kernel)
+    return _finish(run, needs, d_rows, d_weight, d_bias32)
+
+
+def chunk_rows(v: int, budget_bytes: int | None = None) -> int:
+    """Rows per chunk of the "chunked" schedule: the fp32 logits chunk [R, V] within the budget (>= 1)."""
+    return max(1, (budget_bytes or LOGITS_BUDGET_BYTES) // (4 * v))
+
+
+def forward_backward(
+    head: LossHead,
+    row_scale: torch.Tensor | None,
+    needs: GradNeeds,
+    budget_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The "chunked" schedule: loss and the gradients of ``sum_i row_scale[i] * loss_i`` in one pass
+    (6·M·H·V flops). Per chunk of rows: fp32 logits by cuBLAS, ``_row_grad_kernel`` (lse, target logit,
+    unscaled dlogits in place), then ``d_rows = dz @ W`` (fp32, times the row scale) and
+    ``d_weight += dz^T (h * g / max|g|)`` (addmm; fp32 accumulation when the weight is fp32), times
+    ``max|g|`` at the end. ``needs`` all False: forward only (lse and target logit)."""
+    run = _Launch(head)
+    m, v, d, dev, dt = run.m, run.v, run.d, run.device, run.dtype
+    lse = torch.empty(m, dtype=torch.float32, device=dev)
+    tgt = torch.empty(m, dtype=torch.float32, device=dev)
+    if m == 0:  # no rows: zero gradients, nothing to launch
+        grads = (torch.zeros_like(t) if need else None for t, need in zip((head.hidden, head.weight, head.bias), needs))
+        return (lse, tgt, *grads)
+    rows_per = min(m, chunk_rows(v, budget_bytes))
+    zbuf = torch.empty(rows_per, v, dtype=torch.float32, device=dev)
+    if needs.any:
+        g, gmax = run.grad_scale(row_scale)
+    d_rows_c = torch.empty(rows_per, d, dtype=torch.float32, device=dev) if needs.hidden else None
+    d_hidden = torch.zeros_like(head.hidden) if needs.hidden else None
+    w_acc_dtype = torch.float32 if head.weight.dtype == torch.float32 else dt
+    d_weight = torch.zeros(v, d, dtype=w_acc_dtype, device=dev) if needs.weight else None
+    d_bias32 = torch.zeros(v, dtype=torch.float32, device=dev) if needs.bias else None
+    bias = run.weight if run.bias is None else run.bias
+    for r0 in range(0, m, rows_per):
+        r1 = min(m, r0 + rows_per)
+        h = run.h_rows[r0:r1]
+        z = zbuf[: r1 - r0]
+        _mm_f32(h, run.weight.T, out=z)
+        _row_grad_kernel[(r1 - r0,)](
+            z, bias, run.targets[r0:r1], lse[r0:], tgt[r0:], run.weight, v, zbuf.stride(0),
+            float(head.softcap or 1.0), float(head.z_loss),
+            HAS_BIAS=run.bias is not None, SOFTCAP=bool(head.softcap), COMPUTE_DZ=needs.any,
+        )
+        if not needs.any:
+            continue
+        # the dlogits now sit in place over the logits rows, in the matmul dtype
+        dz = z.view(dt)[:, :v] if dt != torch.float32 else z
+        g_c = g[r0:r1]
+        if needs.hidden:
+            dr = d_rows_c[: r1 - r0]
+            _mm_f32(dz, run.weight, out=dr)
+            dr.mul_(g_c[:, None])  # the row scale, in fp32, after the matmul
+            d_hidden.index_add_(0, head.rows[r0:r1], dr.to(dt))
+        if needs.weight:
+            _addmm_f32_(d_weight, dz.T, (h.float() * (g_c / gmax)[:, None]).to(dt))
+        if needs.bias:
+            d_bias32 += torch.mv(dz.T.float(), g_c)
+    if needs.weight:
+        d_weight.mul_(gmax.to(d_weight.dtype))
+        d_weight = d_weight.to(head.weight.dtype)
+    d_bias = d_bias32.to(head.bias.dtype) if needs.bias else None
+    return lse, tgt, d_hidden, d_weight, d_bias
 
 
 def smoke_test(device: str | torch.device | None = None) -> float:
@@ -438,7 +663,7 @@ def smoke_test(device: str | torch.device | None = None) -> float:
     weight = torch.randn(40, 24, generator=gen).to(dev)
     rows = torch.tensor([0, 3, 3, 7, 1], device=dev)
     targets = torch.tensor([0, 39, 5, 17, 2], device=dev)
-    lse, tgt = forward(hidden, weight, None, rows, targets, None)
+    lse, tgt = forward(LossHead(hidden, weight, None, rows, targets))
     ref = hidden.double()[rows] @ weight.double().T
     err = max((lse.double() - ref.logsumexp(1)).abs().max().item(),
               (tgt.double() - ref.gather(1, targets[:, None]).squeeze(1)).abs().max().item())

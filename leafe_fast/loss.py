@@ -19,37 +19,151 @@ NaN. ``reduction="none"`` returns the per-row contributions ``lambda_g w_i l_i /
 the scalar loss). ``weights`` and ``norms`` are constants: no gradient flows into them. Label smoothing
 is not offered (off, as LEAFE uses it).
 
-Backends: ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``; forward = fused online
-log-sum-exp kernel, backward = recomputed dlogits, see ``leafe_fast.kernels.leafe_ce_triton``),
-``"torch"`` (chunked over rows, any device; gradient formed in the forward for scalar reductions;
-upcasts the weight to fp32, so it is the CPU path, not a GPU one), ``"reference"`` (float64,
-materialises everything: tests only), ``"auto"`` (triton on CUDA, torch elsewhere and for float64).
+Options live in one :class:`LossOptions` (lambdas, z_loss, softcap, reduction, num_groups, impl,
+check_ranges), shared by ``leafe_loss``, ``reference_leafe_loss``, ``LeafeLoss``, the trainer's model
+wrapper and the Hugging Face mixin; keyword arguments named like its fields override it per call.
+
+Implementations, chosen by name (``LossOptions.impl``):
+
+- ``"chunked"``: row-chunked gradient in forward (CUDA, or the CPU under ``TRITON_INTERPRET=1``): per chunk
+  of rows, fp32 logits by cuBLAS, a Triton row kernel (online log-sum-exp, dlogits in place), the two
+  gradient matmuls by cuBLAS. 6·M·H·V flops, the floor: the default on CUDA.
+- ``"triton_gemm"``, ``"triton_atomic"``: the recompute schedules (fused online log-sum-exp forward,
+  logits recomputed in the backward: 8·M·H·V flops), kept for comparison.
+- ``"torch"``: the chunked schedule in plain torch with fp32 math (any device): the CPU default.
+- ``"reference"``: float64, materialises ``[M, V]``: tests only.
+- ``"auto"``: ``"chunked"`` on CUDA, ``"torch"`` elsewhere and for float64.
+
+The gradient-in-forward schedules need the per-row scales at forward time, which the scalar reductions
+give; ``reduction="none"`` (and no-grad calls) use the forward only, and its backward recomputes
+(``"chunked"`` then uses ``"triton_gemm"``'s backward).
+
+Dtypes: ``hidden`` and ``weight`` share a dtype, or ``weight`` is an fp32 master with bf16/fp16 ``hidden``:
+then the matmuls run in ``hidden``'s dtype (the weight is cast once per optimizer step, not per call)
+and the weight gradient comes back in fp32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from leafe_fast.kernels.leafe_ce_autograd import LeafeRowLoss, LeafeScaledLoss
+from leafe_fast.errors import UserError
+from leafe_fast.kernels.leafe_ce_autograd import IMPLS, Impl, LeafeRowLoss, LeafeScaledLoss
+from leafe_fast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "mean", "none")
-BACKENDS = ("auto", "triton", "torch", "reference")
+IMPL_NAMES = ("auto", *IMPLS, "reference")
 
 __all__ = [
     "IGNORE_INDEX",
+    "IMPL_NAMES",
     "LeafeLoss",
     "LeafeLossOutput",
+    "LossOptions",
     "group_norms",
+    "labels_to_rows",
     "leafe_loss",
     "leafe_loss_from_labels",
     "reference_leafe_loss",
+    "resolve_impl",
 ]
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Every option of the LEAFE loss, in one place (also the ``--lambdas`` ... ``--loss-impl`` CLI flags).
+
+    ``lambdas`` is normalised to a tuple of floats, ``softcap=0`` to None; invalid values raise
+    ``UserError`` naming the field.
+    """
+
+    lambdas: tuple[float, ...] = field(
+        default=(1.0, 1.0),
+        metadata={"help": "per-group loss multipliers (group 0 rehearsal, 1 counterfactual, ...); "
+                          "one value is broadcast to num_groups"},
+    )
+    z_loss: float = field(default=0.0, metadata={"help": "coefficient of the z-loss term z_loss * lse**2 (>= 0)"})
+    softcap: float | None = field(
+        default=None, metadata={"help": "logit soft-cap c in c * tanh(z / c); unset or 0 disables it"}
+    )
+    reduction: str = field(
+        default="sum",
+        metadata={"help": "'sum' (by the given norms, else 1), 'mean' (by local per-group counts when no norms "
+                          "are given) or 'none' (per-row contributions)", "choices": REDUCTIONS},
+    )
+    num_groups: int | None = field(
+        default=None, metadata={"help": "number of groups G (default: len(lambdas))"}
+    )
+    impl: str = field(
+        default="auto",
+        metadata={"help": "loss implementation: 'auto' (chunked on CUDA, torch elsewhere), 'chunked', "
+                          "'triton_gemm', 'triton_atomic', 'torch', 'reference'", "choices": IMPL_NAMES},
+    )
+    check_ranges: bool = field(
+        default=True,
+        metadata={"help": "verify row/target/group ranges and norms >= 0 on every call (a device sync on CUDA)"},
+    )
+
+    def __post_init__(self) -> None:
+        where = "LossOptions"
+        try:
+            lam = tuple(float(x) for x in torch.as_tensor(self.lambdas, dtype=torch.float64).flatten().tolist())
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{where}.lambdas", f"must be numbers, got {self.lambdas!r} ({exc})",
+                            "pass e.g. (1.0, 1.0)") from None
+        if not lam:
+            raise UserError(f"{where}.lambdas", "is empty", "give one multiplier per group")
+        object.__setattr__(self, "lambdas", lam)
+        if self.softcap is not None:
+            if self.softcap < 0:
+                raise UserError(f"{where}.softcap", f"must be positive, got {self.softcap}", "use None to disable")
+            object.__setattr__(self, "softcap", float(self.softcap) if self.softcap else None)
+        if self.z_loss < 0:
+            raise UserError(f"{where}.z_loss", f"must be >= 0, got {self.z_loss}", "use 0 to disable it")
+        object.__setattr__(self, "z_loss", float(self.z_loss))
+        if self.reduction not in REDUCTIONS:
+            raise UserError(f"{where}.reduction", f"must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.impl not in IMPL_NAMES:
+            raise UserError(f"{where}.impl", f"must be one of {IMPL_NAMES}, got {self.impl!r}")
+        if self.num_groups is not None:
+            if self.num_groups < 1:
+                raise UserError(f"{where}.num_groups", f"must be >= 1, got {self.num_groups}")
+            if len(lam) not in (1, self.num_groups):
+                raise UserError(f"{where}.lambdas", f"has {len(lam)} values for num_groups={self.num_groups}",
+                                "give one per group, or a single value to broadcast")
+
+    @property
+    def groups(self) -> int:
+        """G: ``num_groups`` or ``len(lambdas)``."""
+        return self.num_groups if self.num_groups is not None else len(self.lambdas)
+
+    def lambda_tensor(self) -> torch.Tensor:
+        """float64 ``[G]`` multipliers (a single lambda broadcast)."""
+        lam = torch.tensor(self.lambdas, dtype=torch.float64)
+        return lam.expand(self.groups) if lam.numel() == 1 else lam
+
+    def with_overrides(self, **overrides: Any) -> LossOptions:
+        """A copy with some fields replaced; an unknown name is an error naming the valid ones."""
+        if not overrides:
+            return self
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown loss option(s) {unknown}; LossOptions fields are {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _options(options: LossOptions | None, overrides: dict[str, Any]) -> LossOptions:
+    if options is not None and not isinstance(options, LossOptions):
+        raise TypeError(f"options must be a LossOptions, got {type(options).__name__}")
+    return (options or LossOptions()).with_overrides(**overrides)
 
 
 @dataclass
@@ -65,13 +179,15 @@ class LeafeLossOutput:
 # --------------------------------------------------------------------------------------------------
 # validation: one door, errors that name the problem
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def _check_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor,
     targets: torch.Tensor,
-    weights: torch.Tensor,
+    row_weight: torch.Tensor,
     group: torch.Tensor,
     bias: torch.Tensor | None,
     num_groups: int,
@@ -89,8 +205,12 @@ def _check_inputs(
     for name, t in (("hidden", hidden), ("weight", weight)):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"leafe_loss: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"leafe_loss: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    mixed = weight.dtype == torch.float32 and hidden.dtype in _LOW_PRECISION  # fp32 master head
+    if hidden.dtype != weight.dtype and not mixed:
+        raise TypeError(
+            f"leafe_loss: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype "
+            "(or weight may be an fp32 master with bf16/fp16 hidden)"
+        )
     if hidden.device != weight.device:
         raise ValueError(f"leafe_loss: hidden is on {hidden.device}, weight on {weight.device}")
     if weight.shape[0] == 0:
@@ -101,10 +221,10 @@ def _check_inputs(
         if bias.dtype != weight.dtype:
             raise TypeError(f"leafe_loss: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     m = rows.shape[0] if rows.dim() == 1 else -1
-    for name, t in (("rows", rows), ("targets", targets), ("weights", weights), ("group", group)):
+    for name, t in (("rows", rows), ("targets", targets), ("row_weight", row_weight), ("group", group)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != m:
             raise ValueError(
-                f"leafe_loss: rows, targets, weights and group must be 1-D of one length M; "
+                f"leafe_loss: rows, targets, row_weight and group must be 1-D of one length M; "
                 f"rows is {tuple(rows.shape)}, {name} is {tuple(getattr(t, 'shape', ()))}"
             )
         if t.device != hidden.device:
@@ -112,8 +232,8 @@ def _check_inputs(
     for name, t in (("rows", rows), ("targets", targets), ("group", group)):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"leafe_loss: {name} must be an integer tensor, got {t.dtype}")
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"leafe_loss: weights must be a float tensor, got {weights.dtype}")
+    if not row_weight.dtype.is_floating_point:
+        raise TypeError(f"leafe_loss: row_weight must be a float tensor, got {row_weight.dtype}")
     if check_ranges and m > 0:
         # One host sync on CUDA; pass check_ranges=False in a hot loop whose inputs are trusted.
         stats = torch.stack([rows.min(), rows.max(), targets.min(), targets.max(), group.min(), group.max()]).tolist()
@@ -123,55 +243,44 @@ def _check_inputs(
         if stats[2] < 0 or stats[3] >= v:
             raise IndexError(
                 f"leafe_loss: targets out of range [0, {v}): min {stats[2]}, max {stats[3]} "
-                f"(ignored positions (-100) must be dropped before leafe_loss; leafe_loss_from_labels does it)"
+                f"(ignored positions ({IGNORE_INDEX}) must be dropped before leafe_loss; leafe_loss_from_labels does it)"
             )
         if stats[4] < 0 or stats[5] >= num_groups:
             raise IndexError(f"leafe_loss: group ids out of range [0, {num_groups}): min {stats[4]}, max {stats[5]}")
 
 
-def _resolve_groups(
-    lambdas: float | Sequence[float] | torch.Tensor, num_groups: int | None
-) -> tuple[torch.Tensor, int]:
-    lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten()
-    if num_groups is None:
-        num_groups = lam.numel()
-    if num_groups < 1:
-        raise ValueError(f"leafe_loss: num_groups must be >= 1, got {num_groups}")
-    if lam.numel() == 1 and num_groups > 1:
-        lam = lam.expand(num_groups)
-    if lam.numel() != num_groups:
-        raise ValueError(f"leafe_loss: got {lam.numel()} lambdas for {num_groups} groups")
-    return lam, num_groups
-
-
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"leafe_loss: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "leafe_loss: backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 (set before importing "
-            "triton) to run the kernels on the CPU; use backend='torch' on the CPU"
-        )
-    return backend
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation ``impl`` names on this device and dtype (``"auto"`` resolved; refusals explained)."""
+    if impl not in IMPL_NAMES:
+        raise UserError("LossOptions.impl", f"must be one of {IMPL_NAMES}, got {impl!r}")
+    if impl == "auto":
+        return "chunked" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if impl in IMPLS and IMPLS[impl].ops == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"leafe_loss: impl={impl!r} needs a CUDA tensor, or TRITON_INTERPRET=1 (set before importing "
+                "triton) to run the kernels on the CPU; use impl='torch' on the CPU"
+            )
+        if dtype == torch.float64:
+            raise TypeError(f"leafe_loss: impl={impl!r} has no float64 kernels; use impl='torch' or 'reference'")
+    return impl
 
 
 def _group_stats(
-    group: torch.Tensor, weights: torch.Tensor, ce: torch.Tensor, num_groups: int
+    group: torch.Tensor, row_weight: torch.Tensor, ce: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = group.long()
     dev = ce.device
-    sums = torch.zeros(num_groups, dtype=ce.dtype, device=dev).index_add_(0, g, weights.to(ce.dtype) * ce.detach())
+    sums = torch.zeros(num_groups, dtype=ce.dtype, device=dev).index_add_(0, g, row_weight.to(ce.dtype) * ce.detach())
     ones = torch.ones_like(g, dtype=torch.float32)
     counts = torch.zeros(num_groups, dtype=torch.float32, device=dev).index_add_(0, g, ones)
-    wsums = torch.zeros(num_groups, dtype=torch.float32, device=dev).index_add_(0, g, weights.float())
+    wsums = torch.zeros(num_groups, dtype=torch.float32, device=dev).index_add_(0, g, row_weight.float())
     return sums, counts, wsums
 
 
 def _row_scales(
     group: torch.Tensor,
-    weights: torch.Tensor,
+    row_weight: torch.Tensor,
     lam: torch.Tensor,
     norms: torch.Tensor | Sequence[float] | None,
     reduction: str,
@@ -181,7 +290,7 @@ def _row_scales(
     validate: bool = True,
 ) -> torch.Tensor:
     """Per-row constant ``lambda_g * w_i / norm_g`` (0 where norm_g == 0)."""
-    dev = weights.device
+    dev = row_weight.device
     if norms is not None:
         norm = torch.as_tensor(norms, dtype=torch.float64, device=dev).flatten()
         if norm.numel() != num_groups:
@@ -193,7 +302,7 @@ def _row_scales(
     else:
         norm = torch.ones(num_groups, dtype=torch.float64, device=dev)
     per_group = torch.where(norm > 0, lam.to(dev) / norm.clamp_min(1e-300), torch.zeros_like(norm))
-    return (per_group.to(dtype)[group.long()] * weights.to(dtype)).detach()
+    return (per_group.to(dtype)[group.long()] * row_weight.to(dtype)).detach()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,49 +314,34 @@ def leafe_loss(
     weight: torch.Tensor,
     rows: torch.Tensor,
     targets: torch.Tensor,
-    weights: torch.Tensor,
+    row_weight: torch.Tensor,
     group: torch.Tensor,
     *,
-    lambdas: float | Sequence[float] | torch.Tensor = (1.0, 1.0),
+    options: LossOptions | None = None,
     norms: torch.Tensor | Sequence[float] | None = None,
     bias: torch.Tensor | None = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    reduction: str = "sum",
-    num_groups: int | None = None,
-    backend: str = "auto",
-    check_ranges: bool = True,
+    **overrides: Any,
 ) -> LeafeLossOutput:
     """LEAFE loss over the selected rows (see the module docstring for the exact formula).
 
     Args:
         hidden: ``[N, H]`` final hidden states (after the last norm), fp32/bf16/fp16.
-        weight: ``[V, H]`` LM-head weight, same dtype. ``bias``: optional ``[V]``.
+        weight: ``[V, H]`` LM-head weight, same dtype (or fp32 master for bf16/fp16 hidden). ``bias``: ``[V]``.
         rows, targets: ``[M]`` int; ``hidden[rows[i]]`` predicts ``targets[i]``; rows may repeat.
-        weights: ``[M]`` float per-target weights. ``group``: ``[M]`` int in ``[0, G)``.
-        lambdas: per-group multipliers (a scalar is broadcast); G = len(lambdas) unless ``num_groups``.
+        row_weight: ``[M]`` float per-target weights ``w_i``. ``group``: ``[M]`` int in ``[0, G)``.
+        options: a :class:`LossOptions`; keyword arguments named like its fields (``lambdas=``,
+            ``z_loss=``, ``impl=`` ...) override it for this call.
         norms: ``[G]`` global normalisers from :func:`group_norms`; None -> see ``reduction``.
-        z_loss: coefficient of ``lse**2``. softcap: ``c`` in ``c * tanh(z / c)``; None or 0 disables.
-        check_ranges: verify rows/targets/group ranges and norms >= 0 (host syncs on CUDA; a trainer
-            whose inputs come from the packer may turn it off).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"leafe_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and softcap <= 0:
-        if softcap == 0:
-            softcap = None
-        else:
-            raise ValueError(f"leafe_loss: softcap must be positive (or None), got {softcap}")
-    if z_loss < 0:
-        raise ValueError(f"leafe_loss: z_loss must be >= 0, got {z_loss}")
-    lam, num_groups = _resolve_groups(lambdas, num_groups)
-    _check_inputs(hidden, weight, rows, targets, weights, group, bias, num_groups, check_ranges)
-    backend = _resolve_backend(backend, hidden.device, hidden.dtype)
-    if backend == "reference":
-        return reference_leafe_loss(
-            hidden, weight, rows, targets, weights, group, lambdas=lam, norms=norms, bias=bias,
-            z_loss=z_loss, softcap=softcap, reduction=reduction, num_groups=num_groups,
-        )
+    opts = _options(options, overrides)
+    num_groups = opts.groups
+    lam = opts.lambda_tensor()
+    _check_inputs(hidden, weight, rows, targets, row_weight, group, bias, num_groups, opts.check_ranges)
+    impl_name = resolve_impl(opts.impl, hidden.device, hidden.dtype)
+    if impl_name == "reference":
+        return reference_leafe_loss(hidden, weight, rows, targets, row_weight, group, options=opts, norms=norms,
+                                    bias=bias)
+    impl: Impl = IMPLS[impl_name]
     rows_l, targets_l = rows.long().contiguous(), targets.long().contiguous()
     tensors = (hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), rows_l, targets_l)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -255,21 +349,21 @@ def leafe_loss(
     counts = torch.zeros(num_groups, dtype=torch.float32, device=group.device).index_add_(
         0, g_long, torch.ones_like(g_long, dtype=torch.float32)
     )  # not bincount: that syncs with the host on CUDA
-    scale = _row_scales(group, weights, lam, norms, reduction, counts, num_groups, acc, check_ranges)
+    scale = _row_scales(group, row_weight, lam, norms, opts.reduction, counts, num_groups, acc, opts.check_ranges)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )  # Function.forward cannot tell no_grad from grad mode, so decide here
     # Autocast (an HF Trainer with bf16=True) would recast the chunked torch path's matmuls to bf16 inside
     # the Functions (wrong dtype for its fp32 buffers, lost precision); the inputs' dtype is the contract.
     with torch.autocast(hidden.device.type, enabled=False):
-        if backend == "torch" and reduction != "none" and wants_grad:
+        if impl.in_forward and opts.reduction != "none" and wants_grad:
             # gradient in forward: one logits pass instead of two (see LeafeScaledLoss)
-            loss, ce = LeafeScaledLoss.apply(*tensors, scale, softcap, float(z_loss), backend)
+            loss, ce = LeafeScaledLoss.apply(*tensors, scale, opts.softcap, opts.z_loss, impl)
         else:
-            row_loss, ce = LeafeRowLoss.apply(*tensors, softcap, float(z_loss), backend)
+            row_loss, ce = LeafeRowLoss.apply(*tensors, opts.softcap, opts.z_loss, impl)
             contrib = scale * row_loss
-            loss = contrib if reduction == "none" else contrib.sum()
-    sums, counts, wsums = _group_stats(group, weights, ce, num_groups)
+            loss = contrib if opts.reduction == "none" else contrib.sum()
+    sums, counts, wsums = _group_stats(group, row_weight, ce, num_groups)
     return LeafeLossOutput(loss, sums, counts, wsums)
 
 
@@ -278,19 +372,19 @@ def reference_leafe_loss(
     weight: torch.Tensor,
     rows: torch.Tensor,
     targets: torch.Tensor,
-    weights: torch.Tensor,
+    row_weight: torch.Tensor,
     group: torch.Tensor,
     *,
-    lambdas: float | Sequence[float] | torch.Tensor = (1.0, 1.0),
+    options: LossOptions | None = None,
     norms: torch.Tensor | Sequence[float] | None = None,
     bias: torch.Tensor | None = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    reduction: str = "sum",
-    num_groups: int | None = None,
+    **overrides: Any,
 ) -> LeafeLossOutput:
-    """Plain float64 torch, materialising ``[M, V]``: the truth the fast paths are tested against."""
-    lam, num_groups = _resolve_groups(lambdas, num_groups)
+    """Plain float64 torch, materialising ``[M, V]``: the truth the fast paths are tested against.
+
+    Takes the same options as :func:`leafe_loss` (``impl`` and ``check_ranges`` are ignored)."""
+    opts = _options(options, overrides)
+    num_groups, lam, softcap, z_loss = opts.groups, opts.lambda_tensor(), opts.softcap, opts.z_loss
     f64 = torch.float64
     z = hidden.to(f64)[rows.long()] @ weight.to(f64).T
     if bias is not None:
@@ -300,10 +394,10 @@ def reference_leafe_loss(
     lse = torch.logsumexp(z, dim=-1) if z.shape[0] else z.new_zeros(0)
     ce = lse - z.gather(1, targets.long()[:, None]).squeeze(1)
     row_loss = ce + z_loss * lse**2
-    sums, counts, wsums = _group_stats(group, weights, ce, num_groups)
-    scale = _row_scales(group, weights, lam, norms, reduction, counts, num_groups, f64)
+    sums, counts, wsums = _group_stats(group, row_weight, ce, num_groups)
+    scale = _row_scales(group, row_weight, lam, norms, opts.reduction, counts, num_groups, f64)
     contrib = scale * row_loss
-    return LeafeLossOutput(contrib if reduction == "none" else contrib.sum(), sums, counts, wsums)
+    return LeafeLossOutput(contrib if opts.reduction == "none" else contrib.sum(), sums, counts, wsums)
 
 
 def labels_to_rows(
@@ -315,7 +409,7 @@ def labels_to_rows(
     cu_seqlens: torch.Tensor | None = None,
     default_group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HF-style labels -> ``(rows, targets, weights, group)`` over the flattened positions.
+    """HF-style labels -> ``(rows, targets, row_weight, group)`` over the flattened positions.
 
     ``labels`` is ``[N]`` (packed) or ``[B, S]``, aligned with ``input_ids``, -100 = ignored. With
     ``shift=True`` position ``t`` predicts ``labels[t + 1]`` within a sequence (never across rows of a
@@ -382,8 +476,9 @@ def leafe_loss_from_labels(
             )
     else:
         raise ValueError(f"leafe_loss_from_labels: hidden must be [N, H] or [B, S, H], got {tuple(hidden.shape)}")
-    rows, targets, weights, group = labels_to_rows(labels, group_ids, token_weights, shift=shift, cu_seqlens=cu_seqlens)
-    return leafe_loss(hidden, weight, rows, targets, weights, group, **kwargs)
+    rows, targets, row_weight, group = labels_to_rows(labels, group_ids, token_weights, shift=shift,
+                                                      cu_seqlens=cu_seqlens)
+    return leafe_loss(hidden, weight, rows, targets, row_weight, group, **kwargs)
 
 
 def group_norms(
@@ -393,7 +488,8 @@ def group_norms(
     mode: str = "count",
     process_group: object | None = None,
 ) -> torch.Tensor:
-    """Global per-group normalisers for one optimizer step: pass them as ``norms`` to every micro-batch.
+    """Global per-group normalisers (float64 ``[G]``) for one optimizer step: pass them as ``norms`` to every
+    micro-batch.
 
     ``groups``: one group tensor per micro-batch (entries < 0 are not targets and are skipped, so a
     per-token group tensor with -1 at ignored labels works). ``mode="count"`` counts targets,
@@ -425,32 +521,25 @@ def group_norms(
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend(process_group) == "nccl":  # NCCL: CUDA tensors only
-            total = total.to(torch.device("cuda", torch.cuda.current_device()), torch.float32)
+        if dist.get_backend(process_group) == "nccl":  # NCCL: CUDA tensors only (float64 is supported: exact)
+            total = total.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
         total = total.to(device)
-    return total.float()
+    return total  # float64: counts stay exact above 2**24
 
 
 class LeafeLoss(nn.Module):
-    """``nn.Module`` holding the loss options; ``forward`` takes the tensors (and optional norms)."""
+    """``nn.Module`` holding a :class:`LossOptions`; ``forward`` takes the tensors (and optional norms).
 
-    def __init__(
-        self,
-        lambdas: float | Sequence[float] = (1.0, 1.0),
-        *,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
-        reduction: str = "sum",
-        num_groups: int | None = None,
-        backend: str = "auto",
-        check_ranges: bool = True,
-    ) -> None:
+    ``LeafeLoss(LossOptions(...))`` or ``LeafeLoss(lambdas=..., z_loss=...)`` (field overrides); a plain
+    sequence as the first argument is taken as ``lambdas``.
+    """
+
+    def __init__(self, options: LossOptions | Sequence[float] | None = None, **overrides: Any) -> None:
         super().__init__()
-        self.check_ranges = check_ranges
-        self.lambdas = tuple(float(x) for x in torch.as_tensor(lambdas, dtype=torch.float64).flatten().tolist())
-        self.z_loss, self.softcap, self.reduction = z_loss, softcap, reduction
-        self.num_groups, self.backend = num_groups, backend
+        if options is not None and not isinstance(options, LossOptions):
+            options = LossOptions(lambdas=tuple(options))
+        self.options = _options(options, overrides)
 
     def forward(
         self,
@@ -458,19 +547,15 @@ class LeafeLoss(nn.Module):
         weight: torch.Tensor,
         rows: torch.Tensor,
         targets: torch.Tensor,
-        weights: torch.Tensor,
+        row_weight: torch.Tensor,
         group: torch.Tensor,
         norms: torch.Tensor | Sequence[float] | None = None,
         bias: torch.Tensor | None = None,
     ) -> LeafeLossOutput:
-        return leafe_loss(
-            hidden, weight, rows, targets, weights, group, lambdas=self.lambdas, norms=norms, bias=bias,
-            z_loss=self.z_loss, softcap=self.softcap, reduction=self.reduction, num_groups=self.num_groups,
-            backend=self.backend, check_ranges=self.check_ranges,
-        )
+        return leafe_loss(hidden, weight, rows, targets, row_weight, group, options=self.options, norms=norms,
+                          bias=bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"lambdas={self.lambdas}, z_loss={self.z_loss}, softcap={self.softcap}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
-        )
+        o = self.options
+        return (f"lambdas={o.lambdas}, z_loss={o.z_loss}, softcap={o.softcap}, reduction={o.reduction!r}, "
+                f"impl={o.impl!r}")

@@ -13,8 +13,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from leafe_fast.errors import UserError
 from leafe_fast.loss import (
     LeafeLoss,
+    LossOptions,
     group_norms,
     labels_to_rows,
     leafe_loss,
@@ -23,7 +25,9 @@ from leafe_fast.loss import (
 )
 
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1"))]
+_NEEDS_TRITON = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+# every named implementation (leafe_fast.loss.IMPL_NAMES minus "auto" and "reference")
+BACKENDS = ["torch"] + [pytest.param(name, marks=_NEEDS_TRITON) for name in ("chunked", "triton_gemm", "triton_atomic")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -53,7 +57,7 @@ def run(t, backend, **kw):
         kw["bias"] = t["bias"]
     if backend == "reference":
         return reference_leafe_loss(*args, **kw)
-    return leafe_loss(*args, backend=backend, **kw)
+    return leafe_loss(*args, impl=backend, **kw)
 
 
 def assert_close(actual, expected, rtol, atol, what):
@@ -199,7 +203,7 @@ def test_gradcheck_float64_torch_path(reduction):
 
     def f(hidden, weight, bias):
         return leafe_loss(hidden, weight, rows, targets, weights, group, bias=bias, z_loss=0.1, softcap=3.0,
-                          reduction=reduction, backend="torch", lambdas=(0.5, 2.0)).loss
+                          reduction=reduction, impl="torch", lambdas=(0.5, 2.0)).loss
 
     assert torch.autograd.gradcheck(f, (t["hidden"], t["weight"], t["bias"]), eps=1e-6, atol=1e-6)
 
@@ -246,16 +250,18 @@ def test_no_grad_evaluation_gives_the_same_loss(backend, monkeypatch):
 
 def test_torch_chunking_is_invisible():
     from leafe_fast.kernels import leafe_ce_torch as tk
+    from leafe_fast.kernels.leafe_ce_operands import GradNeeds, LossHead
 
     t = make(m=23)
-    args = (t["hidden"].detach(), t["weight"].detach(), None, t["rows"], t["targets"])
-    lse_a, tgt_a = tk.forward(*args, None, max_chunk_elems=1)  # one row per chunk
-    lse_b, tgt_b = tk.forward(*args, None, max_chunk_elems=1 << 30)
+    head = LossHead(t["hidden"].detach(), t["weight"].detach(), None, t["rows"], t["targets"])
+    lse_a, tgt_a = tk.forward(head, max_chunk_elems=1)  # one row per chunk
+    lse_b, tgt_b = tk.forward(head, max_chunk_elems=1 << 30)
     assert torch.allclose(lse_a, lse_b) and torch.allclose(tgt_a, tgt_b)
     g = torch.rand(23)
-    a = tk.backward(*args, lse_a, g, None, 0.0, True, True, False, max_chunk_elems=5 * 67)
-    b = tk.backward(*args, lse_a, g, None, 0.0, True, True, False)
-    c = tk.forward_backward(*args, g, None, 0.0, True, True, False, max_chunk_elems=5 * 67)
+    needs = GradNeeds(hidden=True, weight=True, bias=False)
+    a = tk.backward(head, lse_a, g, needs, max_chunk_elems=5 * 67)
+    b = tk.backward(head, lse_a, g, needs)
+    c = tk.forward_backward(head, g, needs, max_chunk_elems=5 * 67)
     for x, y in ((a[0], b[0]), (a[1], b[1]), (c[2], b[0]), (c[3], b[1]), (c[0], lse_b), (c[1], tgt_b)):
         assert torch.allclose(x, y, atol=1e-6)
 
@@ -287,11 +293,11 @@ def test_gradient_accumulation_over_four_micro_batches_equals_one_batch():
     lam = (1.0, 0.6)
     total = sum(
         leafe_loss(hidden, weight, p["rows"], p["targets"], p["weights"], p["group"], lambdas=lam, norms=norms,
-                   backend="torch").loss
+                   impl="torch").loss
         for p in parts
     )
     acc = torch.autograd.grad(total, [hidden, weight])
-    one = leafe_loss(hidden, weight, *[t[k] for k in keys], lambdas=lam, reduction="mean", backend="torch").loss
+    one = leafe_loss(hidden, weight, *[t[k] for k in keys], lambdas=lam, reduction="mean", impl="torch").loss
     full = torch.autograd.grad(one, [hidden, weight])
     assert_close(total, one, 1e-6, 1e-6, "loss")
     for a, b in zip(acc, full):
@@ -318,7 +324,7 @@ def test_labels_form_matches_explicit_rows():
     labels[:, :3] = -100  # prompt
     labels[1, 6] = -100
     per_sample_group = torch.tensor([0, 1, 1])
-    out = leafe_loss_from_labels(hidden, weight, labels, per_sample_group, reduction="mean", backend="torch")
+    out = leafe_loss_from_labels(hidden, weight, labels, per_sample_group, reduction="mean", impl="torch")
     rows, targets, group = [], [], []
     for i in range(b):
         for j in range(s - 1):
@@ -342,7 +348,7 @@ def test_labels_packed_never_cross_samples():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_wrapper_equals_function(backend):
     t = make(bias=True)
-    mod = LeafeLoss((0.5, 1.5), z_loss=1e-3, softcap=8.0, backend=backend)
+    mod = LeafeLoss((0.5, 1.5), z_loss=1e-3, softcap=8.0, impl=backend)
     a = mod(*[t[k] for k in ("hidden", "weight", "rows", "targets", "weights", "group")], bias=t["bias"]).loss
     b = run(t, "reference", lambdas=(0.5, 1.5), z_loss=1e-3, softcap=8.0).loss
     assert_close(a, b, 2e-5, 2e-5, "module")
@@ -377,10 +383,12 @@ def test_bad_options_raise_clear_errors():
         run(t, "torch", reduction="avg")
     with pytest.raises(ValueError, match="norms has 3 entries"):
         run(t, "torch", norms=[1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="lambdas for 3 groups"):
+    with pytest.raises(UserError, match="lambdas: has 2 values for num_groups=3"):
         run(t, "torch", lambdas=(1.0, 2.0), num_groups=3)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(UserError, match="impl: must be one of"):
         run(t, "cuda-magic")
+    with pytest.raises(TypeError, match="unknown loss option"):
+        leafe_loss(*[t[k] for k in ("hidden", "weight", "rows", "targets", "weights", "group")], backend="torch")
     with pytest.raises(ValueError, match="softcap"):
         run(t, "torch", softcap=-1.0)
 

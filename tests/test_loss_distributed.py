@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         weight.requires_grad_()
         total = sum(
             leafe_loss(hidden, weight, rows[p], targets[p], weights[p], group[p], norms=norms,
-                       lambdas=(1.0, 0.5), backend="torch").loss
+                       lambdas=(1.0, 0.5), impl="torch").loss
             for p in parts
         )
         total.backward()
@@ -57,7 +57,7 @@ def test_data_parallel_gradient_equals_one_big_batch(tmp_path):
     hidden.requires_grad_()
     weight.requires_grad_()
     one = leafe_loss(hidden, weight, rows, targets, weights, group, norms=expect_norms, lambdas=(1.0, 0.5),
-                     backend="torch").loss
+                     impl="torch").loss
     one.backward()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")

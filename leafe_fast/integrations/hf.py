@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from leafe_fast.data.columns import Sample, SampleColumns
-
-IGNORE_INDEX = -100
+from leafe_fast.labels import target_mask_from_labels
+from leafe_fast.loss import LossOptions
 # Attention implementations that honour cu_seq_lens_* on a packed row.
 _PACKED_OK = ("flash_attention_2", "flash_attention_3")
 
@@ -55,23 +55,14 @@ def features_to_samples(features: Sequence[Mapping[str, Any]], default_group: in
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError(f"LeafeCollator: row {i}: input_ids must be a non-empty 1-D sequence")
         if f.get("labels") is not None:
-            labels = np.asarray(_flat(f["labels"]), dtype=np.int64)
-            if labels.shape != ids.shape:
-                raise ValueError(f"LeafeCollator: row {i}: labels has {len(labels)} entries, input_ids {len(ids)}")
-            mask = labels != IGNORE_INDEX
-            if np.any(labels[mask] != ids[mask]):
-                j = int(np.flatnonzero(mask & (labels != ids))[0])
-                raise ValueError(
-                    f"LeafeCollator: row {i}: labels[{j}] = {labels[j]} differs from input_ids[{j}] = {ids[j]}; "
-                    "labels must be -100 or the token itself (the shift happens inside the packer)"
-                )
+            mask = target_mask_from_labels(ids, np.asarray(_flat(f["labels"]), dtype=np.int64), f"LeafeCollator: row {i}")
         else:
             key = next((k for k in ("completion_mask", "assistant_masks") if f.get(k) is not None), None)
             mask = np.ones(len(ids), bool) if key is None else np.asarray(_flat(f[key])).astype(bool)
             if mask.shape != ids.shape:
                 raise ValueError(f"LeafeCollator: row {i}: {key} has {len(mask)} entries, input_ids {len(ids)}")
-        mask = mask.copy()
-        mask[0] = False  # the first token has no predictor (HF drops it in the shift too)
+            mask = mask.copy()
+            mask[0] = False  # the first token has no predictor (HF drops it in the shift too)
         group = int(_scalar(f.get("group", default_group)))
         weight = float(_scalar(f.get("weight", 1.0)))
         if group < 0:
@@ -211,17 +202,16 @@ def leafe_compute_loss(
     return_outputs: bool = False,
     num_items_in_batch: Any = None,
     *,
-    lambdas: Sequence[float] = (1.0, 1.0),
-    z_loss: float = 0.0,
-    backend: str = "auto",
+    options: LossOptions | None = None,
 ):
     """``Trainer.compute_loss`` for a ``LeafeCollator`` batch: the LEAFE loss of the packed row.
 
-    With ``inputs["leafe_norms"]`` (set by ``LeafeLossMixin``: per-group target counts of the whole
-    optimizer step, all ranks) each group is normalized by it and the result is scaled by the world
-    size (DDP averages gradients); without it, by this micro-batch's own per-group counts.
-    ``num_items_in_batch`` is accepted for the Trainer signature and unused: a single count cannot
-    normalize two groups. ``return_outputs=True`` returns ``(loss, LeafeLossOutput)``.
+    ``options``: the :class:`~leafe_fast.loss.LossOptions` (lambdas, z_loss, impl, ...); its reduction is
+    replaced: with ``inputs["leafe_norms"]`` (set by ``LeafeLossMixin``: per-group target counts of the
+    whole optimizer step, all ranks) each group is normalized by it ("sum") and the result is scaled by
+    the world size (DDP averages gradients); without it, by this micro-batch's own per-group counts
+    ("mean"). ``num_items_in_batch`` is accepted for the Trainer signature and unused: a single count
+    cannot normalize two groups. ``return_outputs=True`` returns ``(loss, LeafeLossOutput)``.
     """
     from leafe_fast.loss import leafe_loss
 
@@ -232,6 +222,7 @@ def leafe_compute_loss(
     hidden = _hidden_states(model, inputs)
     head = _unwrap(model).get_output_embeddings()
     norms = inputs.get("leafe_norms")
+    opts = (options or LossOptions()).with_overrides(reduction="sum" if norms is not None else "mean")
     out = leafe_loss(
         hidden,
         head.weight,
@@ -239,12 +230,9 @@ def leafe_compute_loss(
         inputs["targets"],
         inputs["weights"],
         inputs["group"],
-        lambdas=tuple(lambdas),
+        options=opts,
         norms=norms,
         bias=head.bias,
-        z_loss=z_loss,
-        reduction="sum" if norms is not None else "mean",
-        backend=backend,
     )
     loss = out.loss
     if norms is not None:
@@ -258,18 +246,19 @@ def leafe_compute_loss(
 class LeafeLossMixin:
     """Put first in the bases: ``class MyTrainer(LeafeLossMixin, transformers.Trainer)``.
 
-    Keyword arguments ``leafe_lambdas`` (per-group multipliers, default (1, 1)) and ``leafe_z_loss``
-    are taken from the constructor; everything else goes to the trainer.
+    The keyword argument ``leafe_options`` (a :class:`~leafe_fast.loss.LossOptions`: lambdas, z_loss,
+    impl, ...) is taken from the constructor; everything else goes to the trainer.
     """
 
     # The loss is normalized over the whole accumulated step (leafe_norms): no division by GA steps.
     loss_is_scaled_for_ga = True
     _LEAFE_COLUMNS = ("input_ids", "labels", "group", "weight", "completion_mask", "assistant_masks")
 
-    def __init__(self, *args, leafe_lambdas: Sequence[float] = (1.0, 1.0), leafe_z_loss: float = 0.0, **kwargs):
+    def __init__(self, *args, leafe_options: LossOptions | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.leafe_lambdas = tuple(float(x) for x in leafe_lambdas)
-        self.leafe_z_loss = float(leafe_z_loss)
+        if leafe_options is not None and not isinstance(leafe_options, LossOptions):
+            raise TypeError(f"LeafeLossMixin: leafe_options must be a LossOptions, got {type(leafe_options).__name__}")
+        self.leafe_options = leafe_options or LossOptions()
         enable_packed_attention(self.model)
 
     def _set_signature_columns_if_needed(self):
@@ -282,12 +271,10 @@ class LeafeLossMixin:
 
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batches and all(isinstance(b, Mapping) and "group" in b and "rows" in b for b in batches):
-            norms = group_norms([b["group"].to(device) for b in batches], num_groups=len(self.leafe_lambdas))
+            norms = group_norms([b["group"].to(device) for b in batches], num_groups=self.leafe_options.groups)
             for b in batches:
                 b["leafe_norms"] = norms
         return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return leafe_compute_loss(
-            model, inputs, return_outputs, num_items_in_batch, lambdas=self.leafe_lambdas, z_loss=self.leafe_z_loss
-        )
+        return leafe_compute_loss(model, inputs, return_outputs, num_items_in_batch, options=self.leafe_options)
