@@ -238,6 +238,31 @@ def test_cli_surface_is_frozen():
             f"if on purpose, regenerate: {REGENERATE}")
 
 
+# one concept, one flag name in every command (see the naming table in DESIGN.md)
+RETIRED = {"--budget": "--token-budget", "--steps": "--max-steps", "--train-steps-total": "--max-steps",
+           "--tiny-family": "--tiny-style", "--warmup": "--warmup-steps", "--env-kwargs": "--env-arg",
+           "--output": "--out", "--output-dir": "--out", "--no-export": "--export/--no-export"}
+LONE_NO_FLAGS_LEFT = {("demo", "--no-progress")}  # to become --progress/--no-progress (helper A)
+
+
+def test_flag_names_follow_one_scheme():
+    from leafe_fast.cli import cli_surface
+
+    surface = cli_surface()
+    for cmd, args in surface.items():
+        for name, a in args.items():
+            for flag in a["flags"]:
+                assert flag not in RETIRED or len(a["flags"]) > 1, f"{cmd} {flag}: use {RETIRED[flag]}"
+                assert flag == flag.lower() and "_" not in flag, f"{cmd} {flag}: lower-case words joined by -"
+            lone_no = a["flags"] and a["flags"][0].startswith("--no-") and len(a["flags"]) == 1
+            assert not lone_no or (cmd, name) in LONE_NO_FLAGS_LEFT, (
+                f"{cmd} {name}: declare a positive bool field (progress=True) to get --x/--no-x")
+    # a flag shared by two commands means the same thing: same choices
+    for flag in ("--tiny-style", "--split", "--env", "--engine", "--precision"):
+        seen = {cmd: args[flag]["choices"] for cmd, args in surface.items() if flag in args}
+        assert len({json.dumps(c) for c in seen.values()}) <= 1, f"{flag} differs between commands: {seen}"
+
+
 def test_every_flag_is_documented():
     from leafe_fast.cli import cli_surface
 
