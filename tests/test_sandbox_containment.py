@@ -70,6 +70,17 @@ def test_fallocate_on_stdout_and_stderr_reserves_no_host_disk(sandbox: Sandbox, 
     assert shutil.disk_usage(tmp_path).used - before < 16 << 20
 
 
+def test_shell_fallocate_on_stdout_fails(sandbox: Sandbox) -> None:
+    if not shutil.which("fallocate"):
+        pytest.skip("no fallocate(1)")
+    program = (
+        "import subprocess\n"
+        "r = subprocess.run(['sh', '-c', 'fallocate -n -l 256M /dev/stdout; echo rc=$? >&2'], capture_output=False)\n"
+    )
+    result = sandbox.run(program)
+    assert "rc=1" in result.stderr, result.stderr
+
+
 def test_output_flood_on_stderr_and_stdout_is_capped_and_killed(sandbox: Sandbox) -> None:
     program = "import os\nwhile True:\n    os.write(2, b'e' * 65536)\n    os.write(1, b'o' * 65536)\n"
     start = time.monotonic()
@@ -105,6 +116,17 @@ def test_sysv_shm_msg_sem_and_posix_mqueue_and_memfd_are_refused(sandbox: Sandbo
     assert values["shm_big"] == values["shm_small"] == values["msg"] == values["sem"] == values["mq"] == -1, values
     assert values["memfd"] < 0
     assert values["shm_big_err"] in ("EINVAL", "ENOSPC")
+
+
+def test_shell_ipcmk_is_refused(sandbox: Sandbox) -> None:
+    if not shutil.which("ipcmk"):
+        pytest.skip("no ipcmk(1)")
+    program = (
+        "import subprocess\n"
+        "for flag in (['-M', str(256 << 20)], ['-Q'], ['-S', '1']):\n"
+        "    print(subprocess.run(['ipcmk', *flag], capture_output=True).returncode)\n"
+    )
+    assert _run_ok(sandbox, program)[:3] == ["1", "1", "1"]
 
 
 def test_shared_memory_cannot_outgrow_the_memory_limit(sandbox: Sandbox) -> None:
@@ -303,6 +325,44 @@ def _key_user_gone(uid: int, seconds: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
+
+
+_C_SYSCALLS = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(void) {
+    long r = syscall(SYS_keyctl, 0, 0, 0, 0, 0);
+    printf("keyctl %s\n", r < 0 ? strerror(errno) : "allowed");
+    r = syscall(SYS_unshare, 0x10000000);
+    printf("unshare %s\n", r < 0 ? strerror(errno) : "allowed");
+    fflush(stdout);
+    /* the same call through the i386 entry point, where the syscall numbers differ (keyctl = 288) */
+    __asm__ volatile ("int $0x80" : "=a"(r) : "a"(288L), "b"(0L), "c"(0L), "d"(0L) : "memory");
+    printf("int80 %ld\n", r);
+    return 0;
+}
+"""
+
+
+def test_c_program_cannot_reach_refused_syscalls_by_another_abi(tmp_path: Path) -> None:
+    cc = shutil.which("cc")
+    if cc is None or os.uname().machine != "x86_64" or not os.path.isdir("/var/tmp"):
+        pytest.skip("needs cc on x86_64 and /var/tmp")
+    outside = Path(tempfile.mkdtemp(prefix="leafe-c-", dir="/var/tmp"))
+    try:
+        os.chmod(outside, 0o755)
+        (outside / "attack.c").write_text(_C_SYSCALLS)
+        subprocess.run([cc, "-O1", "-o", str(outside / "attack"), str(outside / "attack.c")], check=True)
+        exposing = Sandbox(limits=LIMITS, isolation="namespaces", language=replace(PYTHON, expose=PYTHON.expose + (str(outside),)))
+        program = f"import os\nos.execv({str(outside / 'attack')!r}, ['attack'])\n"
+        result = exposing.run(program)
+        assert result.stdout.splitlines() == ["keyctl Operation not permitted", "unshare Operation not permitted"]
+        assert result.verdict is Verdict.KILLED and result.signal == 31  # SIGSYS: foreign ABI kills
+    finally:
+        shutil.rmtree(outside)
 
 
 # -- nothing of a run's uid survives it ----------------------------------------------------------
