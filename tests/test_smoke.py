@@ -93,6 +93,14 @@ def test_lazy_exports_resolve_and_unknown_names_raise(package):
         getattr(mod, "no_such_name")
 
 
+def test_top_level_help_imports_no_stage(tmp_path):
+    code = ("import contextlib, io, sys\nfrom leafe_fast.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+            "print(sorted(m for m in sys.modules if m in {'torch', 'transformers'} or m.endswith('.command')))")
+    res = _python_elsewhere(tmp_path, code)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
+
+
 def test_importing_the_package_is_cheap(tmp_path):
     res = _python_elsewhere(tmp_path, "import sys, leafe_fast, leafe_fast.data, leafe_fast.engines, "
                                       "leafe_fast.integrations; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
