@@ -26,7 +26,7 @@ Conventions (``leafe_fast.cli --dump-surface`` lists the result for every subcom
   ``cli: False`` (a field that is not a flag, e.g. set by the program).
 
 A bad value is an argparse error naming the flag (one line, exit 2). The same checks apply to a
-JSON config through :func:`config_from_dict`, which raises :class:`~leafe_fast.errors.UserError`
+JSON config through :func:`config_from_dict` / :func:`config_from_file`, which raise :class:`~leafe_fast.errors.UserError`
 naming the file and the field. Limits: no Enum types, no nested containers (``list[list[int]]``).
 """
 
@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, Union
 
 from leafe_fast.errors import UserError
 
-__all__ = ["add_config_flags", "config_from_args", "config_from_dict", "config_flag_names", "key_value", "NONE_WORDS"]
+__all__ = ["add_config_flags", "config_from_args", "config_from_dict", "config_flag_names", "config_from_file",
+           "key_value", "read_json_object", "NONE_WORDS"]
 
 C = TypeVar("C")
 NONE_WORDS = ("none", "null")  # how a user sets an Optional field to None on the command line
@@ -370,6 +371,29 @@ def config_from_dict(cls: type[C], data: Any, *, source: str = "config", base: C
     if base is None:
         return cls(**changes)
     return dataclasses.replace(base, **changes)
+
+
+def read_json_object(path: str | Path, *, what: str = "config") -> dict[str, Any]:
+    """The JSON object in ``path``; a missing file, a directory, bad JSON (with its line) or a
+    non-object raise :class:`UserError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(str(path), problem, f"pass the path of a JSON {what} file")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(str(path), "is not a text file", f"pass a JSON {what} file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}", f"not valid JSON ({e.msg})", "fix the JSON syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(str(path), f"expected a JSON object, got {type(data).__name__}", 'write {"field": value, ...}')
+    return data
+
+
+def config_from_file(cls: type[C], path: str | Path, *, base: C | None = None) -> C:
+    """:func:`config_from_dict` of the JSON object in ``path`` (errors name the file and the field)."""
+    return config_from_dict(cls, read_json_object(path), source=str(path), base=base)
 
 
 def _check_json_value(raw: Any, kind: _Kind, f: dataclasses.Field, where: str) -> Any:

@@ -10,7 +10,8 @@ from typing import Any, Literal, Optional
 import pytest
 
 from leafe_fast.errors import UserError
-from leafe_fast.flags import add_config_flags, config_flag_names, config_from_args, config_from_dict
+from leafe_fast.flags import (add_config_flags, config_flag_names, config_from_args, config_from_dict,
+                              config_from_file)
 
 
 @dataclass
@@ -158,3 +159,29 @@ def test_config_from_dict_checks_types_and_names_the_field():
     with pytest.raises(UserError, match="expected a JSON object, got list"):
         config_from_dict(Demo, [1], source="cfg.json")
     assert config_from_dict(Demo, {"max_steps": None}, base=Demo(max_steps=4)).max_steps is None
+
+
+def test_config_from_file_names_the_file_and_line(tmp_path):
+    good = tmp_path / "c.json"
+    good.write_text('{"token_budget": 8, "optim": {"lr": 0.5}}')
+    cfg = config_from_file(Demo, good)
+    assert cfg.token_budget == 8 and cfg.optim.lr == 0.5
+    cases = {
+        "missing.json": (None, "missing.json: does not exist"),
+        "dir": ("<dir>", "dir: is a directory"),
+        "bad.json": ('{"token_budget": 8,\n}', "bad.json:2: not valid JSON"),
+        "list.json": ("[1, 2]", "list.json: expected a JSON object, got list"),
+        "type.json": ('{"tasks_x": 1}', "type.json: unknown key(s) ['tasks_x']"),
+        "binary.json": (b"\xff\xfe\x00", "binary.json: is not a text file"),
+    }
+    for name, (content, words) in cases.items():
+        path = tmp_path / name
+        if content == "<dir>":
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(UserError) as exc:
+            config_from_file(Demo, path)
+        assert words in str(exc.value), (name, str(exc.value))
