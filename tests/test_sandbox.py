@@ -408,6 +408,8 @@ if level == "userns":
     fork = "import os, time\\nn = 0\\nwhile True:\\n    try:\\n        pid = os.fork()\\n    except OSError:\\n        break\\n    if pid == 0:\\n        time.sleep(30)\\n        os._exit(0)\\n    n += 1\\nprint(n)"
     out["forked"] = sb.run(fork).stdout
     out["write"] = sb.run("open('/usr/leafe-test', 'w')").describe()
+    ipc = sb.run("import ctypes\\nlibc = ctypes.CDLL(None)\\nprint(libc.shmget(0, 4096, 0o1600), libc.msgget(0, 0o1600), libc.syscall(250, 0, 0, 0, 0, 0), open('/proc/self/status').read().count('NoNewPrivs:\\t1'))")
+    out["ipc"] = [ipc.stdout, ipc.info["ipc_quotas"], ipc.info["seccomp"]]
 print(json.dumps(out))
 """
 
@@ -441,6 +443,10 @@ def test_userns_isolation_for_unprivileged_users() -> None:
         assert uid == "1000" and "work" not in listing and "home" not in listing
         assert out["forked"] == "5\n"  # the limit of 6 holds per user namespace
         assert "Read-only file system" in out["write"]
+        stdout, quotas, seccomp = out["ipc"]
+        assert quotas and stdout.split()[:2] == ["-1", "-1"] and stdout.split()[3] == "1"  # no shm, no msg; no-new-privs
+        if seccomp:
+            assert stdout.split()[2] == "-1"  # keyctl refused
         listener.settimeout(0.2)
         with pytest.raises(socket.timeout):
             listener.accept()

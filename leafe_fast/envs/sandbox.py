@@ -125,9 +125,12 @@ class Verdict(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-job limits. ``cpu_seconds`` is enforced by the kernel in whole seconds (rounded up)
-    and re-checked from the measured usage; ``max_output_bytes`` caps stdout and every file;
-    ``max_disk_bytes`` caps all files in the work directory together (namespace isolation)."""
+    """Per-job limits. ``cpu_seconds`` bounds the CPU time of the job's whole process tree
+    (sampled every 50 ms while it runs, decided exactly once everything is reaped; each process
+    also has it as ``RLIMIT_CPU`` in whole seconds, rounded up); ``max_processes`` is the number
+    of processes (threads included) alive at once; ``max_output_bytes`` caps stdout (read from a
+    pipe) and every file written; ``max_disk_bytes`` caps all files in the work directory
+    together (namespace isolation)."""
 
     cpu_seconds: float = 2.0
     wall_seconds: float = 5.0
