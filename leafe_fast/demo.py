@@ -146,7 +146,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         cfg = TrainConfig(
             output_dir=str(out / subdir), max_steps=steps, token_budget=budget, lr=lr,
             warmup_steps=warmup, max_grad_norm=1.0, seed=args.seed, log_every=1, peak_flops=None,
-            progress=progress,
+            progress=progress, export=False,  # the engine takes the weights in memory
         )
         summary = Trainer(model, samples, cfg, tokenizer=tok).train()
         engine.update_weights({k: v.detach().clone() for k, v in model.state_dict().items()})

@@ -38,6 +38,13 @@ def test_demo_quick_mode_end_to_end(tmp_path, capsys):
     else:
         assert report["train"]["steps"] == 0 and "skipped" in report["train"]
     assert report["timings_s"]["total"] > 0
+    # the method as issue 11 asks: diagnosis reflector, periodic reflection, the LEAFE recipe, and a report
+    # with both groups' token counts and the dropped-sample counts
+    assert all(t.meta["reflector"] == "grounded" and not t.meta["ablation"] for t in trees)
+    assert all(t.meta["config"]["reflect_every"] == 3 for t in trees)
+    assert report["samples"]["recipe"] == "leafe" and "counterfactual_dropped" in report["samples"]
+    assert "rehearsal (" in printed and "counterfactual (" in printed and "target tokens" in printed
+    assert "dropped:" in printed and "same-as-abandoned" in printed and "never succeeded" in printed
 
 
 def test_demo_rerun_starts_fresh_and_keeps_other_files(tmp_path):
