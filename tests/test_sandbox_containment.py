@@ -88,6 +88,8 @@ def test_output_flood_on_stderr_and_stdout_is_capped_and_killed(sandbox: Sandbox
     assert result.verdict is Verdict.OUTPUT_LIMIT
     assert len(result.stdout) <= LIMITS.max_output_bytes and len(result.stderr) <= 4000
     assert time.monotonic() - start < 10  # killed at the cap, not at the wall limit
+    only_stderr = sandbox.run("import os\nwhile True:\n    os.write(2, b'e' * 65536)\n")
+    assert only_stderr.verdict is Verdict.OUTPUT_LIMIT and only_stderr.info["stopped_for"] == "output"
 
 
 # -- 2/3. memory through System V / POSIX IPC ----------------------------------------------------

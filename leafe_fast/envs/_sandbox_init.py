@@ -487,11 +487,13 @@ def _live_tree_cpu(in_pid_namespace: bool, uid: int | None) -> float:
 
 
 class _Capture:
-    """Reads a job's stdout (the first ``cap`` bytes, noting more) and stderr (its last bytes)."""
+    """Reads a job's stdout (the first ``cap`` bytes) and stderr (its last bytes kept); either
+    passing ``cap`` bytes in all sets ``overflow``."""
 
     def __init__(self, out_r: int, err_r: int, cap: int) -> None:
         self.fds = {out_r: bytearray(), err_r: bytearray()}
         self.out_r, self.cap, self.overflow = out_r, cap, False
+        self.err_total = 0
         for fd in self.fds:
             os.set_blocking(fd, False)
 
@@ -513,6 +515,9 @@ class _Capture:
                     self.overflow = True
             else:
                 buf += data
+                self.err_total += len(data)
+                if self.err_total > self.cap:
+                    self.overflow = True
                 if len(buf) > 2 * STDERR_KEEP:
                     del buf[:-STDERR_KEEP]
 
