@@ -160,3 +160,30 @@ def test_code_env_grounded_reflection_branches_to_a_fixed_program(tmp_path):
         assert fixed.parent == -1 and fixed.success and fixed.experience
         assert "hello world" in fixed.experience
         assert fixed.experience_ids == chat.message_ids(experience_message(fixed.experience))
+
+
+def test_cli_runs_the_four_arms_data(tmp_path, capsys):
+    """base, RS-SFT, LEAFE rehearsal-only and full LEAFE differ only in their data: every arm's data
+    comes out of the CLI (explore in both modes with equal budgets, build-data per recipe)."""
+    from leafe_fast.cli import main
+    from leafe_fast.data import SampleColumns
+
+    common = ["--env", "sokoban", "--model", "tiny", "--tasks", "2", "--max-new-tokens", "4",
+              "--task-arg", "max_steps=3", "--no-progress"]
+    leafe, rs = tmp_path / "leafe.jsonl", tmp_path / "rs.jsonl"
+    assert main(["explore", *common, "--out", str(leafe), "--reflector", "grounded", "--max-branches", "1"]) == 0
+    assert main(["explore", *common, "--out", str(rs), "--mode", "independent", "--budget-from", str(leafe)]) == 0
+    spent = {t.task_id: t.stats["steps"] for t in read_trees(leafe)}
+    for tree in read_trees(rs):
+        assert tree.meta["mode"] == "independent" and tree.stats["steps"] <= spent[tree.task_id]
+    capsys.readouterr()
+    for trees, recipe in [(rs, "rejection-sampling"), (leafe, "rehearsal-only"), (leafe, "leafe")]:
+        out = tmp_path / f"{recipe}.npz"
+        rc = main(["build-data", str(trees), "--out", str(out), "--recipe", recipe, "--allow-empty"])
+        assert rc == 0, capsys.readouterr().err
+        assert f"recipe {recipe}" in capsys.readouterr().out
+        SampleColumns.load(out)
+    assert main(["build-data", str(leafe), "--out", str(tmp_path / "x.npz"), "--recipe", "rejection-sampling"]) == 2
+    assert "--mode independent" in capsys.readouterr().err
+    assert main(["explore", *common, "--out", str(rs), "--budget-from", str(leafe)]) == 2  # leafe mode
+    assert "--budget-from" in capsys.readouterr().err
