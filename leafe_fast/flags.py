@@ -325,8 +325,8 @@ def config_from_args(cls: type[C], args: argparse.Namespace, base: C | None = No
         value = getattr(args, (prefix + f.name).replace("-", "_"), None)
         if value is None:
             continue
-        if value is _NONE:
-            value = None
+        if value is _NONE or (isinstance(value, list) and any(v is _NONE for v in value)):
+            value = None  # `--x none` of an Optional list or scalar
         elif kind.shape == "dict":
             value = {**(current if isinstance(current, dict) else {}), **dict(value)}
         elif kind.shape == "seq":

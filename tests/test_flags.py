@@ -30,6 +30,7 @@ class Demo:
     resume: bool | str = field(default=False, metadata={"help": "True: latest checkpoint; str: that one"})
     lambdas: tuple[float, ...] = field(default=(1.0, 1.0), metadata={"help": "loss multipliers"})
     ks: list[int] = field(default_factory=lambda: [1], metadata={"help": "k of pass@k"})
+    shapes: Optional[tuple[str, ...]] = field(default=("a",), metadata={"help": "shape names"})
     env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "environment options"})
     out: Path | None = field(default=None, metadata={"help": "output file"})
     optim: Optim = field(default_factory=Optim, metadata={"help": "optimizer"})
@@ -66,9 +67,9 @@ def test_every_kind_of_field_parses():
 
 def test_flags_override_a_base_and_none_sets_optional():
     base = Demo(token_budget=64, max_steps=3, env_kwargs={"size": 5, "seed": 1}, optim=Optim(lr=0.5))
-    _, args = _parse(["--max-steps", "none", "--env-kwargs", "size=7"])
+    _, args = _parse(["--max-steps", "none", "--env-kwargs", "size=7", "--shapes", "none"])
     cfg = config_from_args(Demo, args, base)
-    assert cfg.token_budget == 64 and cfg.max_steps is None
+    assert cfg.token_budget == 64 and cfg.max_steps is None and cfg.shapes is None
     assert cfg.env_kwargs == {"size": 7, "seed": 1}  # merged over the base's dict
     assert cfg.optim.lr == 0.5  # nested base kept
     assert base.max_steps == 3  # the base is not mutated
