@@ -1,27 +1,40 @@
-"""Optional adapters: lazy imports, clear missing-package errors, and replay restore, checked
-against in-test fakes that mimic each package's API (none of the packages is installed in CI)."""
+"""Optional adapters against in-test fakes of each package's API: lazy imports, clear missing-package
+errors, checked replay restore, success definitions, feedback, and isolation of the global RNG.
+
+The fakes behave like the real packages where it matters (measured on ScienceWorld 1.2.3,
+TextArena 0.7.4, ALFWorld 0.4.2 / TextWorld 1.7, and WebShop's source): ScienceWorld keeps the task
+description out of the first observation, counts clock ticks against ``envStepLimit``, ends an
+episode silently at a negative score, and lists objects and ambiguity options in an order that
+changes between loads; TextArena reseeds and draws from the global ``random``, repeats the whole
+history in its default wrapper, tells the player about a first invalid move, gives partial credit on
+losses, and its Wordle needs an nltk download; ALFWorld's wrappers crash on ``tw-make`` games;
+WebShop reseeds the global RNG in its constructor and answers an invalid action with the same page
+and reward 0. ``tests/test_env_real_*.py`` run the same checks on the real packages when installed.
+"""
 
 from __future__ import annotations
 
+import enum
 import os
 import pickle
 import random
+import subprocess
 import sys
 import types
-
 import pytest
 
 from leafe_fast.envs.adapters import ADAPTERS, ReplayDivergence
-from leafe_fast.envs.base import Env
+from leafe_fast.envs.base import Env, Task
 from leafe_fast.envs.registry import available_envs, list_tasks, make_env
 
 
 class _Game:
-    """A seeded toy game: reach a hidden total by 'add k'. Observations carry draws from the
-    game's own RNG, so only a replay with the same seed and actions reproduces them."""
+    """A seeded toy game: reach a hidden total by 'add k'. Observations carry draws from ``rng``
+    (the game's own RNG, or the global ``random`` module as TextArena's games use), so only a replay
+    with the same seed and actions reproduces them."""
 
-    def __init__(self, seed: int, noisy: bool = False):
-        self.rng = random.Random(seed)
+    def __init__(self, seed: int, noisy: bool = False, rng=None):
+        self.rng = rng if rng is not None else random.Random(seed)
         self.goal = self.rng.randint(3, 9)
         self.total = 0
         self.noisy = noisy
@@ -40,6 +53,8 @@ class _Game:
 
 
 NOISY = {"on": False}
+CLOSED: list = []  # fake ScienceWorld backends that were closed
+LOADS = {"n": 0}  # every load of the fake ScienceWorld lists things in another order
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -49,15 +64,70 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 
 def _fake_scienceworld() -> dict:
+    doors = ["door to kitchen", "door to bedroom", "door to garden"]
+
+    class Server:
+        """The simulator behind py4j: a _Game plus doors, waiting, a negative score and an
+        ambiguity prompt; orders change with every load, as in the real jar."""
+
+        def load(self, task_name, variation, simplification):
+            self.seed = sum(map(ord, task_name)) * 100 + variation
+            self.start = 8 if task_name == "melt" else 0  # a task that scores the start position
+
+        def reset(self):
+            LOADS["n"] += 1
+            self.order = random.Random(LOADS["n"]).sample(range(3), 3)
+            self.game, self.score, self.ticks, self.completed = _Game(self.seed, NOISY["on"]), self.start, 0, False
+            self.prompt = None
+
+        def step(self, action):
+            if self.prompt is not None:
+                options, self.prompt = self.prompt, None
+                if action.isdigit() and int(action) < len(options):
+                    self.score, self.completed = -100, True  # focusing on a door is the wrong focus
+                    return f"You focus on the {options[int(action)]}."
+            if action == "look around":
+                return self.freeActionLook()
+            if action == "wait":
+                self.ticks += 10
+                return "You decide to wait for 10 iterations."
+            if action == "focus on door":
+                self.prompt = [doors[i] for i in self.order]
+                lines = "".join(f"{i}:\tfocus on {d}\n" for i, d in enumerate(self.prompt))
+                return "Ambiguous request: Please enter the number for the action you intended:\n" + lines
+            if not action.startswith("add"):
+                return "No known action matches that input."
+            obs, reward, done = self.game.act(action)
+            self.ticks += 1
+            self.score += 100 * reward
+            self.completed = self.completed or done
+            return obs
+
+        def getScore(self):
+            return self.score / 100
+
+        def getCompleted(self):
+            return self.completed
+
+        def freeActionLook(self):
+            return "This room is called the hallway. In it, you see: \n" + "".join(
+                f"\tA {doors[i]}\n" for i in self.order)
+
+        def freeActionInventory(self):
+            return f"In your inventory, you see:\n\ta total of {self.game.total}\n"
+
+        def freeActionTaskDesc(self):
+            return "Task Description:\nYour task is to reach the hidden total."
+
     class ScienceWorldEnv:
         def __init__(self, server_path="", envStepLimit=100):
-            self.game = None
+            self.server, self.envStepLimit = Server(), envStepLimit
 
         def get_task_names(self):
             return ["boil", "melt"]
 
         def load(self, task_name, variation, simplification=""):
-            self.seed = sum(map(ord, task_name)) * 100 + variation
+            self.server.load(task_name, variation, simplification)
 
         def get_variations_train(self):
             return [0, 1, 2, 3]
@@ -69,60 +139,132 @@ def _fake_scienceworld() -> dict:
             return [6, 7]
 
         def reset(self):
-            self.game, self.score = _Game(self.seed, NOISY["on"]), 0
-            return self.game.intro(), {"score": 0}
+            self.server.reset()
+            self.last = self.server.score
+            obs, _, _, info = self.step("look around")
+            return obs, info
 
-        def step(self, action):
-            obs, reward, done = self.game.act(action)
-            self.score += 100 * reward
-            return obs, 100 * reward, done, {"score": self.score}
+        def step(self, action):  # the package's step: ticks against envStepLimit, stops at score < 0
+            obs = self.server.step(action)
+            score = round(100 * self.server.getScore())
+            reward, self.last = score - self.last, score
+            completed = self.server.getCompleted() or self.server.ticks > self.envStepLimit or score < 0
+            info = {"score": score, "look": self.server.freeActionLook(), "inv": self.server.freeActionInventory(),
+                    "taskDesc": self.server.freeActionTaskDesc()}
+            return obs, reward, completed, info
+
+        def close(self):
+            CLOSED.append(self)
 
     return {"scienceworld": _module("scienceworld", ScienceWorldEnv=ScienceWorldEnv)}
 
 
 def _fake_textarena() -> dict:
-    class Env:
-        def reset(self, num_players, seed=None):
-            assert num_players == 1
-            self.game, self.won = _Game(seed, NOISY["on"]), False
-            self.last = self.game.intro()
+    class ObservationType(enum.Enum):
+        PROMPT = 0
+        PLAYER_ACTION = 1
+        GAME_MESSAGE = 2
+        GAME_ADMIN = 3
+
+    class Wrapper:
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+    class HistoryWrapper(Wrapper):
+        """Like TextArena's default LLMObservationWrapper: every observation is the whole history."""
+
+        def __init__(self, env):
+            super().__init__(env)
+            self.seen = []
 
         def get_observation(self):
-            return 0, self.last
+            pid, new = self.env.get_observation()
+            self.seen += new
+            return pid, "\n".join(f"[{s}] {m}" for s, m, _ in self.seen)
+
+    class ActionFormattingWrapper(Wrapper):
+        def step(self, action):
+            return self.env.step(action if "[" in action else f"[{action}]")
+
+    class Game:
+        def reset(self, num_players, seed=None):
+            assert num_players == 1
+            random.seed(seed)  # as TextArena's State does: the *global* RNG
+            self.game, self.errors, self.done = _Game(seed, NOISY["on"], rng=random), 0, False
+            self.rewards, self.info = None, {0: {}}
+            self.pending = [(-1, "Rules: answer [add k]. " + self.game.intro(), ObservationType.PROMPT)]
+
+        def get_observation(self):
+            out, self.pending = self.pending, []
+            return 0, out
 
         def step(self, action):
-            self.last, reward, done = self.game.act(action)
-            self.won = reward > 0
+            self.pending.append((0, action, ObservationType.PLAYER_ACTION))
+            move = action.strip("[]")
+            if not move.startswith("add"):
+                if self.errors == 0:  # TextArena's error_allowance of 1
+                    self.errors += 1
+                    self.pending.append((-1, "You attempted an invalid move. Reason: not 'add k'.",
+                                         ObservationType.GAME_ADMIN))
+                    return False, {}
+                self.rewards, self.info, self.done = {0: 0.0}, {0: {"reason": "Invalid Move", "invalid_move": True}}, True
+                return True, {}
+            self.errors = 0
+            obs, reward, done = self.game.act(move)
+            self.pending.append((-1, obs, ObservationType.GAME_MESSAGE))
+            if done:  # partial credit on a loss, 1 for a win
+                self.rewards = {0: 1.0 if reward else round(self.game.goal / self.game.total, 3)}
+                self.info = {0: {"reason": "won" if reward else "overshot"}}
+                self.done = True
             return done, {}
 
         def close(self):
-            return {0: 1 if self.won else -1}, {0: {"reason": "won" if self.won else "overshot"}}
+            return self.rewards, self.info
 
-    return {"textarena": _module("textarena", make=lambda env_id: Env())}
+    def make(env_id):
+        if env_id == "Wordle-v0":
+            raise LookupError("Resource 'words' not found. Please use the NLTK Downloader")
+        return ActionFormattingWrapper(HistoryWrapper(Game()))
+
+    wrappers = _module("textarena.wrappers", ActionFormattingWrapper=ActionFormattingWrapper)
+    return {"textarena": _module("textarena", make=make, Wrapper=Wrapper, ObservationType=ObservationType,
+                                 wrappers=wrappers)}
 
 
 def _fake_webshop() -> dict:
     class WebAgentTextEnv:
         def __init__(self, observation_mode="html", **kwargs):
             assert observation_mode == "text"
+            random.seed(233)  # as WebShop's SimServer does
 
         def reset(self, session=None):
             self.game = _Game(session, NOISY["on"])
-            return self.game.intro(), None
+            self.page = self.game.intro()
+            return self.page, None
 
         def step(self, action):
-            obs, reward, done = self.game.act(action)
-            return obs, reward, done, None
+            if not action.startswith("add"):
+                return self.page, 0, False, None  # invalid: same page, reward 0
+            self.page, reward, done = self.game.act(action)
+            return self.page, reward, done, None
 
     envs = _module("web_agent_site.envs", WebAgentTextEnv=WebAgentTextEnv)
     return {"web_agent_site": _module("web_agent_site", envs=envs), "web_agent_site.envs": envs}
 
 
 def _fake_alfworld() -> dict:
-    registered: dict[str, str] = {}
+    registered: dict[str, tuple] = {}
+
+    class AlfredDemangler:
+        pass
 
     class Env:
-        def __init__(self, game_file):
+        def __init__(self, game_file, wrappers):
+            if game_file.endswith(".z8") and any(isinstance(w, AlfredDemangler) for w in wrappers):
+                raise AttributeError("'JerichoEnv' object has no attribute '_entity_infos'")  # the real crash
             self.game_file = game_file
 
         def reset(self):
@@ -138,12 +280,12 @@ def _fake_alfworld() -> dict:
             pass
 
     def register_game(game_file, request_infos=None, max_episode_steps=50, wrappers=()):
-        assert len(wrappers) == 2
-        registered[f"tw-{len(registered)}"] = game_file
-        return f"tw-{len(registered) - 1}"
+        env_id = f"tw-{len(registered)}"
+        registered[env_id] = (game_file, list(wrappers))
+        return env_id
 
-    gym = _module("textworld.gym", register_game=register_game, make=lambda env_id: Env(registered[env_id]))
-    alfred = _module("alfworld.agents.environment.alfred_tw_env", AlfredDemangler=lambda: object(), AlfredInfos=object)
+    gym = _module("textworld.gym", register_game=register_game, make=lambda env_id: Env(*registered[env_id]))
+    alfred = _module("alfworld.agents.environment.alfred_tw_env", AlfredDemangler=AlfredDemangler, AlfredInfos=object)
     return {
         "textworld": _module("textworld", EnvInfos=lambda **kw: kw, gym=gym),
         "textworld.gym": gym,
@@ -182,6 +324,10 @@ def fake(monkeypatch, tmp_path):
     return install
 
 
+def sw_task(name: str = "boil") -> Task:
+    return Task(f"sw-{name}", "scienceworld", {"task_name": name, "variation": 0})
+
+
 def test_registry_lists_every_environment_and_rejects_unknown_names():
     assert {"sokoban", "code", "alfworld", "scienceworld", "webshop", "textarena"} <= set(available_envs())
     with pytest.raises(KeyError, match="unknown environment 'nethack'"):
@@ -190,7 +336,6 @@ def test_registry_lists_every_environment_and_rejects_unknown_names():
 
 def test_custom_environments_can_be_registered_once(monkeypatch):
     from leafe_fast.envs import registry
-    from leafe_fast.envs.base import Task
     from leafe_fast.envs.sokoban import SokobanEnv
 
     monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
@@ -214,12 +359,11 @@ def test_missing_package_names_what_to_install(name, monkeypatch):
 
 
 def test_importing_adapters_imports_no_optional_package():
-    import leafe_fast.envs.adapters  # noqa: F401
-    import leafe_fast.envs.registry  # noqa: F401
-
-    loaded = [m for m in ["textarena", "scienceworld", "web_agent_site", "textworld", "alfworld"]
-              if sys.modules.get(m) is not None]
-    assert loaded == []
+    # in a fresh interpreter: the real-package test modules of this session import them at collection
+    code = ("import sys, leafe_fast.envs.adapters, leafe_fast.envs.registry; print([m for m in "
+            "['textarena', 'scienceworld', 'web_agent_site', 'textworld', 'alfworld'] if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
@@ -232,7 +376,7 @@ def test_replay_restore_is_exact_on_a_fake_backend(name, fake):
     rng = random.Random(3)
     for task in tasks:
         env = make_env(name, max_steps=12)
-        assert isinstance(env, Env) and env.restore_mode == "replay" and env.instructions()
+        assert isinstance(env, Env) and env.restore_mode == "replay-checked" and env.instructions()
         env.reset(task)
         actions = [rng.choice(["add 1", "add 2", "look", "add 1"]) for _ in range(12)]
         snaps, results = {}, []
@@ -252,44 +396,216 @@ def test_replay_restore_is_exact_on_a_fake_backend(name, fake):
                     replay.append(target.step(action))
                 assert replay == results[i:]
         assert env.ground_reflection(results) is None
+        assert env.ground_reflection(results, mode="oracle") is None
+        assert env.replay_stats["divergences"] == 0 and env.replay_stats["restores"] == len(snaps)
 
 
-def test_adapter_reports_success_and_step_limit(fake):
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_no_adapter_touches_the_host_global_rng(name, fake):
+    import numpy as np
+
+    task_kwargs = fake(name)
+    task = list_tasks(name, split="train", n=1, seed=0, **task_kwargs)[0]
+    random.seed(5)
+    np.random.seed(5)
+    want_py, want_np = random.getstate(), np.random.get_state()[1].copy()
+    env = make_env(name)
+    env.reset(task)
+    env.step("add 1")
+    env.restore(env.snapshot())
+    assert random.getstate() == want_py
+    assert (np.random.get_state()[1] == want_np).all()
+
+
+def test_interleaved_textarena_envs_do_not_share_the_global_rng(fake):
+    """The fake's game draws from the global ``random`` while stepping, like TextArena's games:
+    two envs in flight must each see what a lone env sees, and restore without divergence."""
     fake("textarena")
     task = list_tasks("textarena", n=1, seed=0)[0]
-    goal = _Game(task.spec["seed"]).goal
+    moves = ["add 1"] * 3
+    alone = make_env("textarena")
+    alone.reset(task)
+    want = [alone.step(m) for m in moves]
+    a, b = make_env("textarena"), make_env("textarena")
+    a.reset(task)
+    b.reset(task)
+    got = [(a.step(m), random.random(), b.step(m)) for m in moves]
+    assert [g[0] for g in got] == want and [g[2] for g in got] == want
+    b.restore(a.snapshot())
+
+
+def test_textarena_success_is_a_win_not_partial_credit(fake):
+    fake("textarena")
+    task = list_tasks("textarena", n=1, seed=0)[0]
     env = make_env("textarena", max_steps=20)
-    env.reset(task)
+    first = env.reset(task)
+    goal = random.Random(task.spec["seed"]).randint(3, 9)  # what the game drew after its reseed
     results = [env.step("add 1") for _ in range(goal)]
     assert results[-1].success and results[-1].done and results[-1].reward == 1
     assert not any(r.done for r in results[:-1])
     with pytest.raises(RuntimeError, match="episode is over"):
         env.step("add 1")
+    env.reset(task)
+    over = env.step(f"add {goal + 1}")  # overshoot: the fake gives partial credit, as TextArena does
+    assert over.done and not over.success and 0 < over.reward < 1 and "overshot" in over.feedback
+    assert "Rules" in first
+
+
+def test_textarena_observations_are_new_messages_and_invalid_moves_give_feedback(fake):
+    fake("textarena")
+    env = make_env("textarena", max_steps=20)
+    env.reset(list_tasks("textarena", n=1, seed=0)[0])
+    bad = env.step("look")
+    assert not bad.done and "invalid move" in bad.feedback
+    step = env.step("add 1")
+    assert "Rules" not in step.observation and "invalid move" not in step.observation
+    assert "[add 1]" not in step.observation  # the agent's own move is not echoed
+    second_bad = env.step("look")
+    assert not second_bad.done and second_bad.feedback  # the allowance resets after a valid move
+    ended = env.step("look")
+    assert ended.done and not ended.success and "Invalid" in ended.feedback
+
+
+def test_textarena_default_game_is_offline(fake):
+    fake("textarena")
+    tasks = list_tasks("textarena", n=2, seed=0)
+    assert {t.spec["env_id"] for t in tasks} == {"GuessTheNumber-v0"}
+    env = make_env("textarena")
+    with pytest.raises(LookupError, match="NLTK"):
+        env.reset(Task("w", "textarena", {"env_id": "Wordle-v0", "seed": 0}))
+
+
+def test_step_limit_counts_agent_actions(fake):
+    fake("textarena")
     short = make_env("textarena", max_steps=3)
-    short.reset(task)
-    results = [short.step("look") for _ in range(3)]
+    short.reset(list_tasks("textarena", n=1, seed=0)[0])
+    results = [short.step("add 0") for _ in range(3)]
     assert results[-1].done and not results[-1].success and "step limit (3)" in results[-1].feedback
 
 
-def test_nondeterministic_backend_is_caught_on_restore(fake):
+def test_scienceworld_shows_the_task_and_counts_actions_not_ticks(fake):
+    fake("scienceworld")
+    env = make_env("scienceworld", max_steps=8)
+    first = env.reset(sw_task())
+    assert first.startswith("Task Description:") and "hallway" in first
+    waits = [env.step("wait") for _ in range(8)]  # 10 clock ticks each
+    assert not any(r.done for r in waits[:-1]) and waits[-1].done and "step limit (8)" in waits[-1].feedback
+    env.reset(sw_task())
+    bad = env.step("fly")
+    assert not bad.done and "Invalid action" in bad.feedback
+
+
+def test_scienceworld_negative_score_ends_with_feedback_and_reset_score_is_kept(fake):
     fake("scienceworld")
     env = make_env("scienceworld")
-    env.reset(list_tasks("scienceworld", n=1, seed=0)[0])
-    NOISY["on"] = True  # from now on observations carry unseeded noise
-    env.step("add 1")
+    env.reset(sw_task("melt"))
+    assert env.score == 8
+    prompt = env.step("focus on door")
+    assert prompt.feedback and not prompt.done
+    r = env.step("1")
+    assert r.done and not r.success and r.info["score"] == -100 and r.reward == -108
+    assert "score fell to -100" in r.feedback
+
+
+def test_scienceworld_restore_survives_reordered_listings_and_re_resolves_choices(fake):
+    fake("scienceworld")
+    env = make_env("scienceworld")
+    env.reset(sw_task())
+    env.step("look around")
+    prompt = env.step("focus on door")
     snap = env.snapshot()
-    with pytest.raises(ReplayDivergence, match="not deterministic"):
+    chosen = env.step("2")
+    for _ in range(3):  # every load orders doors and options differently
         env.restore(snap)
+        assert env.step("2").observation == chosen.observation
+    env.restore(env.snapshot())  # a snapshot that contains the answered prompt replays too
+    assert prompt.observation.startswith("Ambiguous request")
+    assert env.replay_stats["divergences"] == 0
+
+
+def test_restore_checks_every_step(fake):
+    fake("scienceworld")
+    env = make_env("scienceworld")
+    env.reset(sw_task())
+    NOISY["on"] = True  # from now on observations carry unseeded noise...
+    env.step("add 1")
+    NOISY["on"] = False
+    env.step("look around")  # ...but the last observation is reproducible
+    snap = env.snapshot()
+    NOISY["on"] = True
+    with pytest.raises(ReplayDivergence, match="step 1 of 2"):
+        env.restore(snap)
+    assert env.replay_stats["divergences"] == 1
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("look around")
+
+
+def test_unchecked_replay_says_it_is_inexact(fake):
+    fake("scienceworld")
+    env = make_env("scienceworld", verify_replay=False)
+    assert env.restore_mode == "inexact"
+    env.reset(sw_task())
+    NOISY["on"] = True
+    env.step("add 1")
+    env.restore(env.snapshot())  # not checked
+
+
+def test_scienceworld_closes_its_java_process(fake):
+    fake("scienceworld")
+    CLOSED.clear()
+    with make_env("scienceworld") as env:
+        env.reset(sw_task())
+    assert len(CLOSED) == 1
+    env.close()
+    assert len(CLOSED) == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset(sw_task())
+    other = make_env("scienceworld")
+    del other
+    import gc
+
+    gc.collect()
+    assert len(CLOSED) == 2
+
+
+def test_alfworld_plays_tw_make_games_without_the_alfred_wrappers(fake, tmp_path):
+    fake("alfworld")
+    game = tmp_path / "tw" / "game.z8"
+    game.parent.mkdir()
+    game.write_text("z")
+    env = make_env("alfworld")
+    env.reset(Task("tw", "alfworld", {"game_file": str(game)}))
+    assert env.step("add 1").observation.startswith("Total 1")
+    bad = tmp_path / "game.ulx"
+    bad.write_text("u")
+    with pytest.raises(ValueError, match="unsupported format"):
+        env.reset(Task("ulx", "alfworld", {"game_file": str(bad)}))
+    with pytest.raises(FileNotFoundError):
+        env.reset(Task("none", "alfworld", {"game_file": str(tmp_path / "missing.tw-pddl")}))
+
+
+def test_webshop_flags_invalid_actions_and_keeps_the_global_rng(fake):
+    fake("webshop")
+    random.seed(7)
+    want = random.getstate()
+    env = make_env("webshop")
+    assert random.getstate() == want
+    env.reset(list_tasks("webshop", n=1, seed=0)[0])
+    bad = env.step("click[nothing]")
+    assert not bad.done and bad.reward == 0 and "Invalid action" in bad.feedback
+    ok = env.step("add 1")
+    assert ok.feedback == ""
 
 
 def test_adapters_check_task_specs(fake):
     fake("webshop")
     env = make_env("webshop")
-    from leafe_fast.envs.base import Task
-
     with pytest.raises(ValueError, match="needs spec\\['session'\\]"):
         env.reset(Task("t", "webshop", {}))
     with pytest.raises(ValueError, match="is for env 'sokoban'"):
         env.reset(Task("t", "sokoban", {"session": 1}))
     with pytest.raises(ValueError, match="unknown split"):
         list_tasks("webshop", split="dev")
+    env.reset(Task("t", "webshop", {"session": 1}))
+    with pytest.raises(TypeError, match="not a replay snapshot"):
+        env.restore({"not": "a snapshot"})
