@@ -120,6 +120,25 @@ def test_sysv_shm_msg_sem_and_posix_mqueue_and_memfd_are_refused(sandbox: Sandbo
     assert values["shm_big_err"] in ("EINVAL", "ENOSPC")
 
 
+def test_posix_shared_memory_is_capped_with_the_work_dir_and_multiprocessing_works() -> None:
+    limits = replace(LIMITS, max_disk_bytes=8 << 20, max_output_bytes=4 << 20)  # the per-file limit stays out of the way
+    sandbox = Sandbox(limits=limits, isolation="namespaces")
+    program = (
+        "from multiprocessing import shared_memory\n"
+        "held = []\n"
+        "for i in range(64):\n"
+        "    shm = shared_memory.SharedMemory(create=True, size=1 << 20)\n"
+        "    shm.buf[:] = b'x' * (1 << 20)  # touch every page: past the cap the kernel sends SIGBUS\n"
+        "    held.append(shm)\n"
+        "    print(len(held), flush=True)\n"
+    )
+    result = sandbox.run(program)
+    assert result.verdict in (Verdict.KILLED, Verdict.RUNTIME_ERROR), (result.verdict, result.stderr)
+    assert 0 < int(result.stdout.split()[-1]) <= 8  # the 8 MiB work dir, never 64 MiB
+    pool = "import multiprocessing as mp\nwith mp.get_context('fork').Pool(2) as pool:\n    print(pool.map(abs, [-1, -2]))\n"
+    assert _run_ok(sandbox, pool)[0] == "[1, 2]"  # its locks are POSIX semaphores in /dev/shm
+
+
 def test_shell_ipcmk_is_refused(sandbox: Sandbox) -> None:
     if not shutil.which("ipcmk"):
         pytest.skip("no ipcmk(1)")

@@ -302,7 +302,10 @@ def _build_root(
         if os.path.exists(f"/dev/{name}"):
             open(f"{root}/dev/{name}", "w").close()
             _mount(f"/dev/{name}", f"{root}/dev/{name}", None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    # /dev/shm (POSIX shared memory and semaphores, e.g. multiprocessing's locks) is the work
+    # dir: its pages count against the same size-capped tmpfs as the program's files.
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("shm", "/tmp")):
         os.symlink(target, f"{root}/dev/{name}")
     for path in hide:
         path = os.path.abspath(path)

@@ -28,7 +28,8 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
     only /usr, /bin, /lib*, /sbin, /etc and the interpreter's prefix, all read-only, a /dev with
     null, zero, full, random and urandom, its own /proc, and the work directory as ``/tmp`` (also
     cwd, HOME, TMPDIR), the only writable place: a tmpfs of ``Limits.max_disk_bytes``, so the
-    program's files together cannot fill the host's disk (they count against memory). Every
+    program's files together cannot fill the host's disk (they count against memory); /dev/shm
+    points there too, so POSIX shared memory and semaphores are capped with them. Every
     mount is ``nosuid,nodev`` (the device nodes keep dev). Home directories, /work, /var, /opt,
     /dev/shm and the host's /tmp do not exist inside; site-packages and this library's own
     directory (which holds the shipped problems with their hidden tests) are covered by empty
