@@ -137,9 +137,13 @@ def test_env_options_from_the_command_line_shape() -> None:
 
     env = make_env("code", reveal_hidden_tests=True, limits={"cpu_seconds": 1, "wall_seconds": 3}, max_attempts=2)
     assert env.reveal_hidden_tests is True and env.limits.cpu_seconds == 1 and env.max_attempts == 2
-    with pytest.raises(ValueError, match="limits"):
+    from leafe_fast.errors import UserError
+
+    with pytest.raises(UserError, match=r"code env limits: unknown fields \['cpu_secs'\]"):
         CodeEnv(limits={"cpu_secs": 1})
-    with pytest.raises(ValueError, match="reveal_hidden_tests"):
+    with pytest.raises(UserError, match="cpu_seconds must be positive"):
+        CodeEnv(limits={"cpu_seconds": 0})
+    with pytest.raises(UserError, match="reveal_hidden_tests"):
         CodeEnv(reveal_hidden_tests="yes")
 
 

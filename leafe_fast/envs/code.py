@@ -38,6 +38,7 @@ from typing import Any
 from leafe_fast.envs.base import GROUNDING_MODES, GroundedReflection, Observation, StepResult, Task
 from leafe_fast.envs.codecontests import Problem, TestCase
 from leafe_fast.envs.sandbox import Limits, RunResult, Sandbox, Verdict
+from leafe_fast.errors import UserError
 
 __all__ = ["CodeEnv", "extract_program", "outputs_match"]
 
@@ -186,14 +187,19 @@ class CodeEnv:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if isinstance(self.limits, dict):  # from a config file or --env-arg limits='{"cpu_seconds": 1}'
+            unknown = sorted(set(self.limits) - set(Limits.__dataclass_fields__))
+            if unknown:
+                raise UserError("code env limits", f"unknown fields {unknown}",
+                                f"use only {sorted(Limits.__dataclass_fields__)}")
             try:
                 self.limits = Limits(**self.limits)
-            except TypeError as e:
-                raise ValueError(f"CodeEnv limits: {e}; the fields are those of leafe_fast.envs.sandbox.Limits") from None
+            except (TypeError, ValueError) as e:
+                raise UserError("code env limits", str(e), "give positive numbers") from None
         if not isinstance(self.limits, Limits):
-            raise ValueError(f"CodeEnv limits must be a Limits or a dict of its fields, got {type(self.limits).__name__}")
+            raise UserError("code env limits", f"expected a Limits or a JSON object, got {type(self.limits).__name__}",
+                            'e.g. --env-arg limits=\'{"cpu_seconds": 2}\'')
         if not isinstance(self.reveal_hidden_tests, bool):
-            raise ValueError(f"CodeEnv reveal_hidden_tests must be true or false, got {self.reveal_hidden_tests!r}")
+            raise UserError("code env reveal_hidden_tests", f"expected true or false, got {self.reveal_hidden_tests!r}")
         if self.sandbox is None:
             self.sandbox = Sandbox(limits=self.limits)
         self._state = CodeEnvState(task=None)
