@@ -32,58 +32,66 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from leafe_fast.errors import UserError
+from leafe_fast.flags import add_config_flags, config_from_args
 
 DIRECTIONS = ("up", "down", "left", "right")
 MAX_POSITIONS = 8192  # the tiny model's context; episodes that outgrow it end as failures
 
 
+@dataclass
+class DemoConfig:
+    """Settings of ``leafe-fast demo`` (its flags come from these fields)."""
+
+    out: Path = field(default=Path("runs/demo"), metadata={"help": "output folder"})
+    tasks: int = field(default=16, metadata={"help": "train levels to explore", "min": 1})
+    eval_tasks: int = field(default=16, metadata={"help": "held-out test levels", "min": 1})
+    n: int = field(default=4, metadata={"help": "episodes per test level for pass@k", "min": 1})
+    k: tuple[int, ...] = field(default=(1, 2, 4), metadata={
+        "help": "k values of pass@k (those above n are left out)", "min": 1})
+    max_episode_steps: int = field(default=30, metadata={"help": "Sokoban step limit per episode", "min": 1})
+    max_branches: int = field(default=4, metadata={"help": "rollbacks per explored level", "min": 0})
+    reflect_every: int = field(default=3, metadata={
+        "help": "periodic reflection every K steps of a branch (0: only when an attempt ends)", "min": 0})
+    warmup_steps: int = field(default=60, metadata={"help": "format warm-up SFT steps, 0 to skip", "min": 0})
+    train_steps: int = field(default=16, metadata={"help": "Stage-2 training steps", "min": 1})
+    lr: float = field(default=1e-3, metadata={"help": "Stage-2 learning rate", "min": 0.0})
+    token_budget: int = field(default=4096, metadata={"help": "tokens per packed micro-batch", "min": 2})
+    hidden_size: int = field(default=64, metadata={"help": "tiny model width", "min": 8})
+    layers: int = field(default=2, metadata={"help": "tiny model depth", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of levels, model init and sampling"})
+    threads: int = field(default=1, metadata={
+        "help": "torch CPU threads (1: a tiny model's matmuls are overhead-bound, more threads only add "
+                "synchronisation)", "min": 1})
+    progress: bool = field(default=True, metadata={"help": "progress bars (quiet when stderr is not a TTY)"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    p.add_argument("--tasks", type=int, default=16, help="train levels to explore (default: 16)")
-    p.add_argument("--eval-tasks", type=int, default=16, help="held-out test levels (default: 16)")
-    p.add_argument("--n", type=int, default=4, help="episodes per test level for pass@k (default: 4)")
-    p.add_argument("--k", default="1,2,4", help="k values of pass@k, each <= n (default: 1,2,4)")
-    p.add_argument("--max-episode-steps", type=int, default=30, help="Sokoban step limit per episode (default: 30)")
-    p.add_argument("--max-branches", type=int, default=4, help="rollbacks per explored level (default: 4)")
-    p.add_argument("--reflect-every", type=int, default=3,
-                   help="periodic reflection every K steps of a branch, 0 for only at the end (default: 3)")
-    p.add_argument("--warmup-steps", type=int, default=60, help="format warm-up SFT steps, 0 to skip (default: 60)")
-    p.add_argument("--train-steps", type=int, default=16, help="Stage-2 training steps (default: 16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Stage-2 learning rate (default: 1e-3)")
-    p.add_argument("--token-budget", type=int, default=4096, help="tokens per packed micro-batch (default: 4096)")
-    p.add_argument("--hidden-size", type=int, default=64, help="tiny model width (default: 64)")
-    p.add_argument("--layers", type=int, default=2, help="tiny model depth (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of levels, model init and sampling (default: 0)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default: 1: a tiny model's matmuls are overhead-bound, more "
-                        "threads only add synchronisation)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(p, DemoConfig)
 
 
-def _parse_ks(text: str, n: int) -> list[int]:
-    try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise SystemExit(f"leafe-fast demo: --k must be comma-separated integers, got {text!r}") from None
-    ks = [k for k in ks if 1 <= k <= n]
+def _parse_ks(ks: Any, n: int) -> list[int]:
+    ks = sorted({int(k) for k in ks if 1 <= int(k) <= n})
     return ks or [1]
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("tasks", "eval_tasks", "n", "max_episode_steps"):
-        if getattr(args, name) < 1:
-            print(f"leafe-fast demo: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    if args.train_steps < 1 or args.warmup_steps < 0:
-        print("leafe-fast demo: --train-steps must be >= 1 and --warmup-steps >= 0", file=sys.stderr)
-        return 2
+    config = config_from_args(DemoConfig, args)
+    for name in ("tasks", "eval_tasks", "n", "max_episode_steps", "train_steps", "threads"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(config, name)}")
+    for name in ("warmup_steps", "max_branches", "reflect_every"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(config, name)}")
     import torch
 
     threads = torch.get_num_threads()
     try:
-        report = run_demo(args)
+        report = run_demo(config)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep their setting
     print(format_report(report))
@@ -93,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 # --- the pipeline ----------------------------------------------------------------------------
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+def run_demo(args: DemoConfig) -> dict[str, Any]:
     import torch
 
     from leafe_fast.data.chat import ChatFormat
@@ -113,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     out: Path = args.out
     _fresh_outputs(out)
-    progress = not args.no_progress
+    progress = args.progress and sys.stderr.isatty()
     ks = _parse_ks(args.k, args.n)
     timings: dict[str, float] = {}
 
@@ -225,7 +233,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     report = {
         "schema": "leafe.demo/1",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
+        "config": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                   for k, v in asdict(args).items()},
         "model": {"family": "qwen2", "parameters": sum(p.numel() for p in model.parameters()), **size},
         "tasks": {"train": [t.task_id for t in train_tasks], "test": [t.task_id for t in test_tasks]},
         "warmup": warmup_report,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from leafe_fast.cli import main
 from leafe_fast.data import SampleColumns, read_trees
@@ -59,5 +60,9 @@ def test_demo_rerun_starts_fresh_and_keeps_other_files(tmp_path):
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--tasks", "0"]) == 2
-    assert "--tasks must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path), "--tasks", "0"])
+    assert exit_.value.code == 2 and "--tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path), "--k", "1,x"])
+    assert "--k" in capsys.readouterr().err
