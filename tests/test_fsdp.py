@@ -78,9 +78,25 @@ def _run_bf16_mixed(world: int) -> list[float]:
     return losses
 
 
+def _run_sync_every_micro_batch(world: int) -> list[float]:
+    """grad_sync="micro_batch": reduce-scatter after every micro-batch into sharded gradients (the schedule
+    for large models); the summed gradient, so the losses, must equal the one-process run's."""
+    from leafe_fast.train import TrainConfig, Trainer, load_model
+
+    tok, cfg = tiny("qwen2", hidden_size=32, intermediate_size=64)
+    samples = random_samples(16, len(tok), seed=5)
+    model = load_model(cfg, dtype="float32", device="cpu", seed=3)
+    conf = TrainConfig(max_steps=STEPS, token_budget=64, grad_accum=64, lr=3e-3, max_grad_norm=1.0,
+                       progress=False, peak_flops=None, precision="fp32", grad_sync="micro_batch")
+    trainer = Trainer(model, samples, conf)
+    assert trainer.sync_every_micro_batch == (world > 1)
+    return trainer.train().losses
+
+
 def _run(world: int, rank: int, out_dir: str, port: int) -> dict[str, list[float]]:
     _join(world, rank, port)
-    return {"fp32": _run_fp32(world, out_dir), "bf16-mixed": _run_bf16_mixed(world)}
+    return {"fp32": _run_fp32(world, out_dir), "bf16-mixed": _run_bf16_mixed(world),
+            "fp32-sync-every-micro-batch": _run_sync_every_micro_batch(world)}
 
 
 def _worker(rank: int, world: int, out_dir: str, port: int, q) -> None:
@@ -126,6 +142,8 @@ def test_fsdp2_two_cpu_ranks_match_one_process(tmp_path):
     assert len(single) == STEPS
     torch.testing.assert_close(torch.tensor(results[0]["fp32"]), torch.tensor(single), rtol=1e-5, atol=1e-6)
     assert single[-1] < single[0]  # it trains
+    torch.testing.assert_close(torch.tensor(results[0]["fp32-sync-every-micro-batch"]), torch.tensor(single),
+                               rtol=1e-5, atol=1e-6)
 
     # bf16-mixed: the one-process run autocasts (residual stream fp32) while FSDP2 runs each layer on bf16
     # copies (residual stream bf16), so they differ by bf16 rounding, 2^-8 relative per value at most, far

@@ -14,8 +14,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_train_utils import random_samples, tiny  # noqa: E402
 
 
+from leafe_fast.errors import UserError  # noqa: E402
 from leafe_fast.train import LeafeCausalLM, TrainConfig, Trainer, load_model  # noqa: E402
 from leafe_fast.train.model import as_batch  # noqa: E402
+from leafe_fast.loss import LossOptions  # noqa: E402
 
 
 def _reference_loss(model, samples, lambdas, mode="count"):
@@ -44,7 +46,7 @@ def test_accumulated_microbatches_equal_one_big_batch_and_plain_reference():
     grads = {}
     for name, budget in (("small", 40), ("big", 1000)):
         model = load_model(cfg, dtype="float32", device="cpu", seed=7)
-        wrapper = LeafeCausalLM(model, lambdas)
+        wrapper = LeafeCausalLM(model, LossOptions(lambdas=lambdas))
         mbs = [as_batch(mb.to_torch("cpu")) for mb in pack(samples, budget, seed=0).micro_batches]
         if name == "small":
             assert len(mbs) >= 4
@@ -119,7 +121,7 @@ def test_resume_without_checkpoint_starts_fresh_and_bad_path_errors(tmp_path):
     with pytest.warns(UserWarning, match="holds no checkpoint; starting from step 0"):
         t = _trainer(cfg, tok, samples, tmp_path / "none", resume=True, max_steps=1)
     assert t.step == 0
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="missing: the checkpoint directory does not exist"):
         _trainer(cfg, tok, samples, tmp_path / "x", resume=str(tmp_path / "missing"))
 
 
@@ -151,8 +153,9 @@ def test_cli_train_on_tiny_samples_file(tmp_path, capsys):
     tok, _ = tiny("qwen2")
     path = tmp_path / "samples.npz"
     random_samples(10, len(tok), seed=7).save(path)
-    rc = main(["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run"), "--steps", "3",
-               "--budget", "64", "--lr", "1e-3", "--save-every", "2", "--no-progress", "--precision", "bf16-mixed"])
+    rc = main(["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "3",
+               "--token-budget", "64", "--lr", "1e-3", "--save-every", "2", "--no-progress", "--precision",
+               "bf16-mixed"])
     assert rc == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["tokens"] > 0 and summary["precision"] == "bf16-mixed"
@@ -163,7 +166,7 @@ def test_cli_train_on_tiny_samples_file(tmp_path, capsys):
     bad = random_samples(3, 100000, seed=1)
     bad.save(tmp_path / "bad.npz")
     assert main(["train", "--samples", str(tmp_path / "bad.npz"), "--model", "tiny", "--out",
-                 str(tmp_path / "bad"), "--steps", "1", "--no-progress"]) == 2
+                 str(tmp_path / "bad"), "--max-steps", "1", "--no-progress"]) == 2
     assert "vocabulary" in capsys.readouterr().err
 
 

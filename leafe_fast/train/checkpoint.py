@@ -7,6 +7,9 @@ atomically after it, so a crash mid-save leaves the previous checkpoint intact a
 
 Single process: one ``state.pt`` (``torch.save``). Under FSDP2: ``torch.distributed.checkpoint`` (each
 rank writes its shards; the optimizer state is resharded on load) plus one RNG file per rank.
+
+A checkpoint that cannot be read (missing, truncated or foreign files) is a :class:`UserError` naming
+the file and what to do, not a traceback from deep inside ``torch.load``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from leafe_fast.errors import UserError
 
 LATEST = "latest"
 
@@ -146,28 +151,37 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything saved by :func:`save_checkpoint` in place; returns the trainer state."""
     path = Path(path)
+    fix = (f"delete {path} to resume from an earlier checkpoint (the pointer falls back to the newest complete "
+           "one), or pass --resume with another checkpoint directory")
+    if not path.is_dir():
+        raise UserError(f"--resume {path}", "the checkpoint directory does not exist",
+                        "pass a step_* directory written by `leafe-fast train`, or --resume alone for the latest")
     if _is_dist():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not (path / ".metadata").exists():
-            raise FileNotFoundError(f"load_checkpoint: {path} is not a distributed checkpoint (no .metadata)")
+            raise UserError(str(path), "is not a distributed checkpoint (no .metadata; was it written by one "
+                            "process?)", "resume with the number of ranks that wrote it, or " + fix)
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optimizer": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as exc:  # torch raises CheckpointException wrapping each rank's error
+            raise UserError(str(path), f"the distributed checkpoint cannot be read ({_first_line(exc)})",
+                            fix) from exc
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        meta = torch.load(path / "meta.pt", weights_only=False)
+        meta = _load_file(path / "meta.pt", ("scheduler", "train_state"), fix)
         scheduler.load_state_dict(meta["scheduler"])
         rng_file = path / f"rng_rank{_rank()}.pt"
         if restore_rng and rng_file.exists():
-            st = torch.load(rng_file, weights_only=False)
+            st = _load_file(rng_file, ("python", "numpy", "torch"), fix)
             st["python"] = _fix_python_rng(st["python"])
             set_rng_state(st)
         return meta["train_state"]
-    file = path / "state.pt"
-    if not file.exists():
-        raise FileNotFoundError(f"load_checkpoint: {file} does not exist (was it written by a distributed run?)")
-    state = torch.load(file, weights_only=False, map_location="cpu")
+    state = _load_file(path / "state.pt", ("model", "optimizer", "scheduler", "train_state", "rng"),
+                       "it was written by a distributed run: resume it under torchrun with the same ranks"
+                       if (path / ".metadata").exists() else fix)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -175,6 +189,26 @@ def load_checkpoint(
         state["rng"]["python"] = _fix_python_rng(state["rng"]["python"])
         set_rng_state(state["rng"])
     return state["train_state"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _load_file(file: Path, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
+    """``torch.load`` of one checkpoint file, or a one-line :class:`UserError` when it is missing/damaged."""
+    if not file.is_file():
+        raise UserError(str(file), "is missing (the checkpoint is incomplete)", fix)
+    try:
+        state = torch.load(file, weights_only=False, map_location="cpu")
+    except Exception as exc:  # truncated zip, unpickling error, EOF: all mean "damaged file"
+        raise UserError(str(file), f"is truncated or damaged ({type(exc).__name__}: {_first_line(exc)})",
+                        fix) from exc
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(str(file), f"is not a leafe-fast checkpoint file (missing {missing})", fix)
+    return state
 
 
 def export_pretrained(

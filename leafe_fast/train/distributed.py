@@ -7,8 +7,16 @@ after), then the wrapper as the root unit holding embeddings, final norm and LM 
 
 Gradient scaling: our loss is already normalized by the global token count of the step (all ranks), so
 each rank's loss is its share of one global sum and the gradients must be *summed* over ranks. FSDP2
-averages by default; ``apply_fsdp`` sets the divide factor to 1 (or, on torch versions without that
-setting, the trainer multiplies the loss by the world size: ``grad_scale_for_fsdp``).
+averages by default; ``apply_fsdp`` sets the divide factor to 1 on every unit (or, on torch versions
+without that setting, on none of them, and the trainer multiplies the loss by the world size instead:
+``set_sum_reduction`` is all or nothing, so no unit is scaled twice).
+
+Gradient accumulation (``grad_accum > 1``) has two schedules, ``ComputeConfig.grad_sync``: reduce-scatter
+once per step (``set_requires_gradient_sync(False)`` on all but the last micro-batch: FSDP2 then keeps
+every unit's *unsharded* gradient, fp32 under bf16-mixed, between micro-batches: 4 bytes x parameters
+per rank) or after every micro-batch (only the sharded fp32 gradient stays: 4 bytes x parameters /
+ranks, for ``grad_accum`` times the reduce-scatter traffic). ``"auto"`` picks the latter above 1e9
+parameters. The per-step schedule is safe when ``4 * params`` bytes fit beside the activations.
 """
 
 from __future__ import annotations
@@ -83,15 +91,23 @@ def apply_fsdp(
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     fully_shard(wrapper, mp_policy=root_mp)
     units = [*layers, wrapper]
-    if not all(hasattr(u, "set_gradient_divide_factor") for u in units):
-        return False  # older FSDP2 builds: the caller scales the loss instead
     # A divide factor of 1 is a PREMUL_SUM, which gloo lacks; forcing plain SUM gives the same result.
     force_sum = dist.is_initialized() and dist.get_backend() == "gloo"
+    return set_sum_reduction(units, force_sum)
+
+
+def set_sum_reduction(units: list[nn.Module], force_sum: bool) -> bool:
+    """Make every FSDP unit *sum* gradients over ranks; False (and no unit changed) when one cannot.
+
+    All or nothing: the caller's fallback (the loss times the world size, over FSDP's default average) is
+    only right when no unit sums already; a unit that did both would get its gradients scaled twice.
+    """
+    needed = ["set_gradient_divide_factor"] + (["set_force_sum_reduction_for_comms"] if force_sum else [])
+    if not all(hasattr(u, name) for u in units for name in needed):
+        return False  # older FSDP2 builds: the caller scales the loss instead, on every unit alike
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         if force_sum:
-            if not hasattr(unit, "set_force_sum_reduction_for_comms"):
-                return False
             unit.set_force_sum_reduction_for_comms(True)
     return True
 

@@ -1,6 +1,9 @@
 """Training metrics: tokens/s, MFU, memory, and one JSON line per logged step.
 
-MFU counts real tokens only (padding never counts) at ``6 N`` FLOPs per token, ``N`` from
+Two token counts: ``tokens`` are the samples' tokens back to back (what the data holds: the flat layout's
+count, the basis of ``tokens_per_s``), ``computed_tokens`` the tokens the model actually ran (fewer with
+the trie layout, which computes a shared prefix once). MFU counts computed tokens only (padding never
+counts) at ``6 N`` FLOPs per token, ``N`` from
 :func:`leafe_fast.train.model.count_parameters` (input embedding table excluded unless tied to the head),
 over a peak rate that is either measured here (a large bf16 matmul, ``measure_matmul_flops``) or taken
 from a small table of vendor dense bf16 peaks. Attention FLOPs are not counted, so MFU is conservative
@@ -106,15 +109,16 @@ class Throughput:
     def reset(self) -> None:
         self._t = time.perf_counter()
 
-    def measure(self, tokens: int) -> dict[str, float]:
-        """``tokens``: real tokens processed by ALL ranks since the last call."""
+    def measure(self, tokens: int, computed_tokens: int | None = None) -> dict[str, float]:
+        """``tokens``: sample tokens processed by ALL ranks since the last call; ``computed_tokens``: the
+        tokens the model ran for them (default: ``tokens``). MFU counts the computed ones."""
         now = time.perf_counter()
         dt = max(now - self._t, 1e-9)
         self._t = now
-        tps = tokens / dt
-        out = {"tokens_per_s": tps, "step_time_s": dt}
+        computed = tokens if computed_tokens is None else computed_tokens
+        out = {"tokens_per_s": tokens / dt, "computed_tokens_per_s": computed / dt, "step_time_s": dt}
         if self.peak_flops:
-            out["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
+            out["mfu"] = computed / dt * self.flops_per_token / (self.peak_flops * self.world_size)
         return out
 
 
@@ -139,3 +143,33 @@ class MetricsLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+    @staticmethod
+    def truncate_after(path: str | Path, step: int) -> int:
+        """Keep only the records of ``path`` up to ``step`` (a resume from that step logs the rest again).
+
+        A last line cut by a crash, or any line that is not a JSON record with a ``step``, is dropped too.
+        Rewritten atomically (tmp + rename). Returns the number of records dropped.
+        """
+        path = Path(path)
+        if not path.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and int(rec["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return dropped
