@@ -335,7 +335,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"0 warm-up (action format only): {w['steps']} steps, loss {w['first_loss']:.3f} -> {w['final_loss']:.3f}")
     lines += [
         f"1 before: {len(r['tasks']['test'])} test levels x {r['config']['n']}: {pk(r['eval_before'])}",
-        f"2 explore: {x['finished']} train levels, {x['successes']} solved, {x['branches']} branches, "
+        f"2 explore ({x['mode']}, reflector {x['reflector']}"
+        f"{', ORACLE ABLATION: not LEAFE' if x['ablation'] else ''}): {x['finished']} train levels, "
+        f"{x['successes']} solved, {x['branches']} branches, "
         f"{x['steps']} steps, prefix reuse {x['prefix_reuse']:.1%}",
         f"3 samples ({s['recipe']} recipe): {s['samples'].get('rehearsal', 0)} rehearsal "
         f"({s['target_tokens'].get('rehearsal', 0)} target tokens) + {s['samples'].get('counterfactual', 0)} "

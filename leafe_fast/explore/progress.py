@@ -9,8 +9,9 @@ from leafe_fast.explore.summary import ExploreSummary
 
 class ExploreProgress:
     def __init__(self, total: int, *, enabled: bool = True):
+        """``enabled`` and stderr a terminal: a bar; otherwise quiet (logs and CI stay clean)."""
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="explore", unit="task", file=sys.stderr, dynamic_ncols=True)
