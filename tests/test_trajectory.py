@@ -148,3 +148,29 @@ def test_demo_walks_keep_todays_tokens():
                 mask += [False] * len(obs)
             want.append((ids, mask))
     assert [(s.input_ids.tolist(), s.target_mask.tolist()) for s in got] == want
+
+
+def test_evaluation_prompts_equal_the_explored_trajectories(tmp_path):
+    """Same env, same actions: every eval request is the explored tree's path prefix + header."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_explore_fakes import FakeChat, LineEnv, dec, enc, line_task
+
+    from leafe_fast.data.schema import read_trees
+    from leafe_fast.engines.scripted import ScriptedEngine
+    from leafe_fast.eval import evaluate
+    from leafe_fast.explore import ExploreConfig, explore
+
+    policy = lambda req: ["right", "left", "right", "right"][dec(req.input_ids).count("<300>assistant") - 1]  # noqa: E731
+    task = line_task(goal=2)
+    explore([task], LineEnv, ScriptedEngine(policy, encode=enc, decode=dec), FakeChat(), tmp_path / "t.jsonl",
+            ExploreConfig(mode="independent", rollouts=1, progress=False))
+    (tree,) = read_trees(tmp_path / "t.jsonl")
+    engine = ScriptedEngine(policy, encode=enc, decode=dec)
+    evaluate(engine, FakeChat(), LineEnv(), [task], n=1, progress=False)
+    assert len(engine.requests) == len(tree.nodes) == 4
+    for req, node in zip(engine.requests, tree.nodes):
+        prefix = tree.path_token_ids(node.parent) if node.parent >= 0 else tree.prompt_ids
+        assert req.input_ids == prefix + tree.header_ids
