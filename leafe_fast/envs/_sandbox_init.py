@@ -196,18 +196,25 @@ def seccomp_supported() -> bool:
     return sys.platform == "linux" and os.uname().machine == "x86_64"
 
 
-def install_seccomp() -> None:
-    """Install :func:`seccomp_filter` on this thread (needs no-new-privileges set first)."""
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def compile_seccomp() -> tuple:
+    """:func:`seccomp_filter` as the kernel's ``sock_fprog`` (built once per launch, before the
+    jobs fork; the array is kept alive with it)."""
     prog = seccomp_filter()
+    array = (_SockFilter * len(prog))(*[_SockFilter(c, jt, jf, k) for c, jt, jf, k in prog])
+    return _SockFprog(len(prog), array), array
 
-    class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
 
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
-
-    array = (SockFilter * len(prog))(*[SockFilter(c, jt, jf, k) for c, jt, jf, k in prog])
-    fprog = SockFprog(len(prog), array)
+def install_seccomp(compiled: tuple | None = None) -> None:
+    """Install the filter on this thread (no-new-privileges must be set first)."""
+    fprog, _ = compiled or compile_seccomp()
     _check(_libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0), "seccomp")
 
 
@@ -452,7 +459,7 @@ def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namesp
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid and file-capability binaries run unprivileged
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the credential changes, which clear it
         if cfg.get("seccomp"):
-            install_seccomp()  # last: it refuses the unshare above
+            install_seccomp(_COMPILED_SECCOMP)  # last: it refuses the unshare above
         os.execve(job["argv"][0], job["argv"], job["env"])
     except BaseException as e:  # report through the close-on-exec pipe, then die
         try:
@@ -639,7 +646,13 @@ def _cleanup_after_job(pid: int, in_pid_namespace: bool, uid: int | None) -> Non
 
 
 
+_COMPILED_SECCOMP: tuple | None = None
+
+
 def _run_jobs(cfg: dict, host_fd: int, uid: int | None, in_pid_namespace: bool) -> list[dict]:
+    global _COMPILED_SECCOMP
+    if cfg.get("seccomp") and _COMPILED_SECCOMP is None:
+        _COMPILED_SECCOMP = compile_seccomp()
     results = []
     limits = cfg["limits"]
     for job in cfg["jobs"]:
