@@ -342,10 +342,16 @@ def test_without_stop_on_success_a_success_is_reflected_on_and_branched(tmp_path
     assert tree.nodes[2].experience == "shorter" and tree.nodes[2].parent == -1
 
 
-def test_progress_bar_and_summary_are_shown(tmp_path, capsys):
+def test_progress_bar_and_summary_are_shown(tmp_path, capsys, monkeypatch):
+    import sys
+
     tasks = [line_task(i, goal=1) for i in range(2)]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     summary, _, _ = run(tmp_path, tasks, Policy(plan=["right"]), progress=True)
     err = capsys.readouterr().err
     assert "explore" in err and "reuse=" in err and "ok=100%" in err
     assert summary.format().splitlines()[0] in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    run(tmp_path, [line_task(5, goal=1)], Policy(plan=["right"]), progress=True, name="quiet.jsonl")
+    assert "reuse=" not in capsys.readouterr().err  # no bar when stderr is not a terminal
     assert summary.success_rate == 1.0 and summary.to_dict()["finished"] == 2
