@@ -83,6 +83,9 @@ class ExploreConfig:
     env_workers: int = field(default=1, metadata={
         "help": "threads stepping envs between rounds (useful for the code sandbox)", "min": 1})
     progress: bool = field(default=True, metadata={"help": "progress bar (quiet when stderr is not a TTY)"})
+    accept_inexact_restores: bool = field(default=False, metadata={
+        "help": "branch even on an env whose restore_mode is 'inexact' (its replay is not checked, so a "
+                "branch may start from a different state than the one reflected on)"})
     env_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "environment constructor arguments (the CLI's repeatable --env-arg KEY=VALUE)", "cli": False})
 
@@ -124,7 +127,7 @@ class ExploreConfig:
             or self.reflect_temperature < 0
         ):
             bad("reflect_temperature", f"must be a number >= 0 or null, got {self.reflect_temperature!r}")
-        for name in ("summary", "stop_on_success", "progress"):
+        for name in ("summary", "stop_on_success", "progress", "accept_inexact_restores"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, f"must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.env_kwargs, dict):

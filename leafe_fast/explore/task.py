@@ -34,7 +34,8 @@ What a finished tree carries besides its nodes:
   ``cut_actions`` (generation stopped at the token limit), ``invalid_actions``, ``noop_actions``,
   ``successful_leaves``, ``env_errors``.
 - ``meta``: ``mode``, ``stop_reason`` (success, no_rollback, max_branches, max_steps, max_tokens,
-  max_context_tokens, rollouts, env_error), ``reflector``, ``ablation`` (True for the oracle
+  max_context_tokens, rollouts, env_error, inexact_restore: an env that cannot restore exactly and
+  ``accept_inexact_restores`` is off), ``reflector``, ``ablation`` (True for the oracle
   reflector), ``summary``, ``budget`` (the step and token budgets and where they came from),
   ``reflections`` (one record per reflection: node, trigger, steps, outcome, attempts, malformed
   count, note), ``config`` (the settings that shaped it) and, after an env exception, ``error``.
@@ -117,6 +118,8 @@ class TaskExplorer:
 
     def _branch_blocker(self) -> str | None:
         """Why no branch may be made now (None: one may)."""
+        if getattr(self.env, "restore_mode", "exact") == "inexact" and not self.config.accept_inexact_restores:
+            return "inexact_restore"  # leafe_fast.envs.replay.RESTORE_MODES
         if self.stats["branches"] >= self.config.max_branches:
             return "max_branches"
         if self._steps_left() < 1:
