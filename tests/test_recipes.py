@@ -175,3 +175,10 @@ def test_counterfactual_steps_config_parses_k_and_all():
     for bad in ("0", "two", "-1"):
         with pytest.raises(UserError):
             BuildConfig(counterfactual_steps=bad).steps()
+
+
+def test_a_bad_correction_is_counted_once_however_many_successes_follow():
+    tree = _failed_then_fixed(noop=True)
+    tree.nodes.append(Node(4, 2, 2, [14], [24], done=True, success=True, branch=1))  # a second success under n2
+    _, stats = build_samples_with_stats([tree])
+    assert stats.counterfactual_dropped["noop"] == 1

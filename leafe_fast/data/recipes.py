@@ -443,13 +443,16 @@ class _TreeSamples:
 
     def counterfactual(self, steps: int | None, validate: bool) -> list[Sample]:
         out = []
+        dropped: set[int] = set()  # each bad rollback point counted once, however many successes follow it
         for leaf, path in self.paths.items():
             for cut, branch in enumerate(path):
                 if not branch.is_branch_start:
                     continue
                 reason = self._bad_correction(branch) if validate else None
                 if reason is not None:
-                    self.stats.counterfactual_dropped[reason] += 1
+                    if branch.id not in dropped:
+                        dropped.add(branch.id)
+                        self.stats.counterfactual_dropped[reason] += 1
                     continue
                 end = next((i for i in range(cut + 1, len(path)) if path[i].is_branch_start), len(path))
                 if steps is not None:
