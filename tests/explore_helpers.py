@@ -7,6 +7,7 @@ the same trees when each env is independent of the others (own RNG, exact restor
 
 from __future__ import annotations
 
+import functools
 import zlib
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from leafe_fast.engines.scripted import ScriptedEngine
 from leafe_fast.explore import ExploreConfig, explore
 from leafe_fast.explore.reflectors.base import Reflection
 from leafe_fast.tiny import tiny_tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return tiny_tokenizer("qwen2")
 
 
 class HalfRollback:
@@ -33,7 +39,7 @@ class HalfRollback:
 def run_explore(out: Path, tasks: list, env: Any, *, concurrency: int, moves: list[str],
                 max_steps: int = 14, max_branches: int = 2, **config: Any) -> dict[str, dict]:
     """Explore ``tasks``; return per task the node actions/observations, stop reason and branches."""
-    tok = tiny_tokenizer("qwen2")
+    tok = _tokenizer()
 
     def respond(request):
         text = tok.decode(request.input_ids)

@@ -609,3 +609,43 @@ def test_adapters_check_task_specs(fake):
     env.reset(Task("t", "webshop", {"session": 1}))
     with pytest.raises(TypeError, match="not a replay snapshot"):
         env.restore({"not": "a snapshot"})
+
+
+def test_exploration_branches_on_checked_replay_and_refuses_inexact_restores(fake, tmp_path):
+    from explore_helpers import run_explore
+
+    fake("scienceworld")
+    tasks = [sw_task("boil"), sw_task("melt")]
+    moves = ["add 1", "look around", "wait"]
+    checked = run_explore(tmp_path / "a.jsonl", tasks, lambda: make_env("scienceworld"), concurrency=2, moves=moves)
+    assert sum(t["branches"] for t in checked.values()) > 0
+
+    def inexact():
+        return make_env("scienceworld", verify_replay=False)
+
+    refused = run_explore(tmp_path / "b.jsonl", tasks, inexact, concurrency=2, moves=moves)
+    assert all(t["branches"] == 0 for t in refused.values())
+    assert {t["stop_reason"] for t in refused.values()} <= {"inexact_restore", "success"}
+    assert "inexact_restore" in {t["stop_reason"] for t in refused.values()}
+    accepted = run_explore(tmp_path / "c.jsonl", tasks, inexact, concurrency=2, moves=moves,
+                           accept_inexact_restores=True)
+    assert sum(t["branches"] for t in accepted.values()) > 0
+
+
+def test_scienceworld_normalise_ignores_listing_order_only():
+    from leafe_fast.envs.scienceworld_env import normalise
+
+    rng = random.Random(0)
+    items = ["a cup (containing water, salt)", "a green bulb, which is off", "an orange wire, which is on", "the agent"]
+    for _ in range(50):
+        a, b = rng.sample(items, 4), rng.sample(items, 4)
+        room = "This room is called the kitchen. In it, you see: \n" + "".join(f"\t{x}\n" for x in a)
+        other = "This room is called the kitchen. In it, you see: \n" + "".join(f"\t{x}\n" for x in b)
+        assert normalise(room) == normalise(other)
+        inline = f"\ta table. On the table is: {', '.join(a)}."
+        assert normalise(inline) == normalise(f"\ta table. On the table is: {', '.join(b)}.")
+    # different states stay different: descriptions swapped between objects, or an object moved
+    assert normalise("\tOn it: a bulb, which is off, a wire, which is on.") != normalise(
+        "\tOn it: a bulb, which is on, a wire, which is off.")
+    assert normalise("\ta cup (containing a jug, a bowl), a chair") != normalise("\ta cup (containing a jug), a bowl, a chair")
+    assert normalise("You see:\n\ta cup\nYou also see:\n\ta door") != normalise("You see:\n\ta door\nYou also see:\n\ta cup")

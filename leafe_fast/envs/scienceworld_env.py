@@ -51,13 +51,42 @@ def ambiguity_options(observation: str) -> list[str]:
     return [m.group(2) for m in map(_OPTION.match, observation.splitlines()) if m]
 
 
+_ARTICLE = re.compile(r"(?:a|an|A|An|the|The) ")
+
+
+def _sort_inline_list(line: str) -> str:
+    """Sort the items of an inline listing after the line's first ": " ("On the table is: a jug, a
+    cup."; "You also see: A door to ..., A door to ..."). Items are split only at a comma outside
+    parentheses that is followed by an article, so an item keeps its own description ("a bulb, which
+    is off") and its contents ("a cup (containing water, salt)")."""
+    head, sep, body = line.partition(": ")
+    if not sep:
+        return line
+    end = "." if body.endswith(".") else ""
+    body = body[: len(body) - len(end)]
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0 and body.startswith(" ", i + 1) and _ARTICLE.match(body, i + 2):
+            items.append(body[start:i])
+            start = i + 2
+    if not items:
+        return line
+    items.append(body[start:])
+    return f"{head}{sep}{', '.join(sorted(items))}{end}"
+
+
 def normalise(text: str) -> str:
     """``text`` with listing order removed: each run of tab-indented lines (objects, doors,
-    inventory) is sorted, and the numbered options of an ambiguity prompt are sorted without their
-    numbers. Everything else is kept as is."""
+    inventory) is sorted, the numbered options of an ambiguity prompt are sorted without their
+    numbers, and the items of inline listings are sorted (:func:`_sort_inline_list`). Everything
+    else is kept as is."""
     out: list[str] = []
     run: list[str] = []
-    for line in text.splitlines():
+    for line in map(_sort_inline_list, text.splitlines()):
         option = _OPTION.match(line)
         if line.startswith("\t") or option:
             run.append("\t" + option.group(2) if option else line)
