@@ -90,6 +90,13 @@ def test_unknown_task_and_env_args_are_reported_before_the_model_loads(tmp_path,
     assert not (tmp_path / "t.jsonl").exists() or (tmp_path / "t.jsonl").read_bytes() == b""
 
 
+@pytest.mark.parametrize("flag, value", [("--task-arg", "difficulty=impossible"), ("--env-arg", "max_steps=-3")])
+def test_bad_task_and_env_arg_values_are_reported_before_the_model_loads(tmp_path, capsys, no_model, flag, value):
+    assert _explore(tmp_path, flag, value) == 2
+    err = capsys.readouterr().err
+    assert value.split("=")[0] in err and len(err.strip().splitlines()) == 1
+
+
 # --- samples files ----------------------------------------------------------------------------------
 def _good_columns() -> SampleColumns:
     from leafe_fast.data import Sample

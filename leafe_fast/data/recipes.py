@@ -521,7 +521,7 @@ def _fit(s: Sample, tree: Tree, max_len: int | None, overflow: Overflow, stats: 
     if overflow == "error":
         raise UserError(
             f"tree {tree.task_id!r}", f"a {s.meta['kind']} sample has {len(s)} tokens, more than max_len={max_len}",
-            "raise max_len or pass overflow='drop' or 'truncate'")
+            "raise --max-len or pass --overflow drop or --overflow truncate (max_len=/overflow= in Python)")
     if overflow == "drop":
         stats.too_long_dropped += 1
         return None

@@ -105,7 +105,7 @@ def check_inputs(run: ExploreRun, config: ExploreConfig):
     """Everything that can be checked without the model: env name, task and env arguments, the task
     list itself, and the output file (a directory, a malformed line, another run's lock). Returns the tasks."""
     from leafe_fast.data.schema import TreeWriter
-    from leafe_fast.envs.registry import available_envs, check_env_args, check_task_args, list_tasks
+    from leafe_fast.envs.registry import available_envs, check_env_args, check_task_args, list_tasks, make_env
 
     if run.env not in available_envs():
         raise UserError("--env", f"unknown environment {run.env!r}", f"choose one of {available_envs()}")
@@ -113,10 +113,21 @@ def check_inputs(run: ExploreRun, config: ExploreConfig):
     check_env_args(run.env, config.env_kwargs)
     try:
         tasks = list_tasks(run.env, run.split, run.tasks, seed=run.task_seed, **run.task_args)
-    except TypeError as e:  # an env whose task list hides its signature behind **kwargs
-        raise UserError("--task-arg", str(e), "see the env's task list for the keys it takes") from None
+    except (TypeError, ValueError) as e:  # a bad value, or a task list that hides its keys behind **kwargs
+        if isinstance(e, UserError):
+            raise
+        raise UserError("--task-arg", f"{run.env} tasks: {e}", "see the env's task list for the values it takes") from None
     if not tasks:
         raise UserError("--tasks", f"environment {run.env!r} has no {run.split!r} tasks", "choose another split")
+    try:  # a probe instance: bad constructor values surface now, not after the model has loaded
+        probe = make_env(run.env, **config.env_kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError("--env-arg", f"{run.env}: {e}", "see the env's constructor for the values it takes") from None
+    close = getattr(probe, "close", None)
+    if callable(close):
+        close()
     TreeWriter(run.out).close()  # a probe: raises if --out is a directory, malformed or in use
     return tasks
 
