@@ -57,11 +57,11 @@ def test_cli_help_lists_every_stage(capsys):
     text = capsys.readouterr().out
     listed = set(re.findall(r"^    ([a-z][a-z-]+)\s", text, flags=re.M))
     # the stages of the pipeline as the README names them, written out (not read from COMMANDS)
-    assert listed == {"explore", "build-data", "train", "eval", "demo", "bench"}, text
+    assert listed == {"explore", "build-data", "train", "eval", "demo", "bench", "repro"}, text
     assert leafe_fast.__version__
 
 
-@pytest.mark.parametrize("name", ["explore", "build-data", "train", "eval", "demo", "bench"])
+@pytest.mark.parametrize("name", ["explore", "build-data", "train", "eval", "demo", "bench", "repro"])
 def test_cli_subcommand_loads_and_prints_its_help(name, capsys):
     """Every stage's module exists and builds its flags: a missing module raises (not a silent skip)."""
     from leafe_fast.cli import main
