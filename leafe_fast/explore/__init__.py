@@ -1,15 +1,20 @@
-"""Stage 1: reflective tree exploration (act, reflect, roll back, branch) -> ``trees.jsonl``.
+"""Stage 1: exploration -> ``trees.jsonl``: LEAFE's reflective tree search, or independent rollouts.
 
 ``explore(tasks, env, engine, tokenizer_or_chat, out_path, config)`` runs it; ``ExploreConfig``
-holds the settings (budgets, reflector, cadence, sampling, concurrency); ``ExploreSummary`` is what it
-returns. Reflectors: ``LLMReflector`` (strict JSON from the policy) and ``GroundedReflector``
-(``Env.ground_reflection``).
+holds the settings (mode, reflector, cadence, budgets, sampling, concurrency); ``ExploreSummary`` is
+what it returns. Reflectors (``leafe_fast.explore.reflectors``): ``LLMReflector`` (strict JSON from the
+policy) and ``GroundedReflector`` (``Env.ground_reflection``: a diagnosis, or the oracle ablation).
 """
 
 from leafe_fast.explore.config import ExploreConfig
-from leafe_fast.explore.reflectors.grounded import GroundedReflector
 from leafe_fast.explore.loop import explore
-from leafe_fast.explore.reflectors.llm import LLMReflector, MalformedReflection, parse_reflection
+from leafe_fast.explore.reflectors import (
+    GroundedReflector,
+    LLMReflector,
+    MalformedReflection,
+    make_reflector,
+    parse_reflection,
+)
 from leafe_fast.explore.summary import ExploreSummary
 
 __all__ = [
@@ -19,5 +24,6 @@ __all__ = [
     "LLMReflector",
     "GroundedReflector",
     "MalformedReflection",
+    "make_reflector",
     "parse_reflection",
 ]
