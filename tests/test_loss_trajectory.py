@@ -68,7 +68,7 @@ def train_config():
     return TrainConfig(
         max_steps=STEPS, token_budget=256, grad_accum=2, lr=1e-3, warmup_steps=0, weight_decay=0.01,
         max_grad_norm=1.0, lambdas=(1.0, 1.0), norm_mode="count", seed=0, precision="fp32",
-        peak_flops=None, progress=False, norm_scope="step",
+        peak_flops=None, progress=False, norm_scope="step", layout="flat",
     )
 
 

@@ -144,9 +144,10 @@ class DataConfig:
     truncation: str = field(default="error", metadata={
         "help": "a sample longer than --token-budget: error, left (keep its last tokens) or right (its first)",
         "choices": ("error", "left", "right")})
-    layout: str = field(default="flat", metadata={
-        "help": "token layout of a micro-batch: flat (samples back to back), trie (shared prefixes computed "
-                "once; needs a packer that offers it), auto", "choices": LAYOUTS})
+    layout: str = field(default="auto", metadata={
+        "help": "token layout of a micro-batch: flat (samples back to back), trie (each tree's shared prefixes "
+                "computed once; exact), auto (trie when samples carry tree ids, as LEAFE data does)",
+        "choices": LAYOUTS})
     keep_trees_together: bool = field(default=False, metadata={
         "help": "samples of one exploration tree land in one micro-batch"})
     seed: int = field(default=0, metadata={"help": "seed of the packing and data order (epoch e uses seed + e); "
@@ -253,7 +254,7 @@ class TrainConfig:
         "help": "what a group's normaliser adds up: its targets (count) or their sample weights (weight)",
         "choices": ("count", "weight")})
     log_every: int = field(default=1, metadata={"help": "steps between metrics.jsonl records", "min": 1})
-    progress: bool = field(default=True, metadata={"help": "progress bar and summary line (off when not a TTY)"})
+    progress: bool = field(default=True, metadata={"help": "progress bar (drawn on a TTY only) and the final summary line"})
     peak_flops: float | str | None = field(default="auto", metadata={
         "help": "MFU denominator in FLOP/s; auto: vendor table on CUDA, measured on the CPU; measure; none",
         "cli": False})

@@ -25,6 +25,7 @@ from leafe_fast.loss import LossOptions
 from leafe_fast.train.attention import (
     BACKENDS,
     TREE_BACKENDS,
+    VARLEN_ATTENTION,
     TreeMask,
     packed_row_mask,
     register_varlen_attention,
@@ -163,7 +164,9 @@ def packed_hidden_states(
     out = base_model(model)(
         input_ids=input_ids.reshape(1, -1).long(),
         position_ids=position_ids.reshape(1, -1).long(),
-        attention_mask=packed_row_mask(input_ids.device),
+        # a stock attention (e.g. "sdpa") needs transformers' own packed-sequence mask from position_ids
+        attention_mask=packed_row_mask(input_ids.device)
+        if getattr(model.config, "_attn_implementation", None) == VARLEN_ATTENTION else None,
         cu_seq_lens_q=cu,
         cu_seq_lens_k=cu,
         max_length_q=int(max_seqlen),
