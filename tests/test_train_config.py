@@ -378,3 +378,15 @@ def test_layout_is_handed_to_the_packer(monkeypatch):
     Trainer(load_model(cfg, dtype="float32", device="cpu"), random_samples(4, len(tok), seed=1),
             TrainConfig(max_steps=1, layout="trie", progress=False, peak_flops=None))
     assert seen["layout"] == "trie"
+
+
+def test_normalisers_stay_exact_above_2_pow_24():
+    """float32 (the old NCCL cast) rounds 2^24 + 1 to 2^24; the trainer's normalisers are float64 throughout."""
+    from leafe_fast.train.trainer import step_norms
+
+    big = np.array([[2.0**24 + 1, 3.0], [2.0**40 + 1, 1.0]])
+    assert float(np.float32(big[0, 0])) != big[0, 0]  # the rounding in question
+    step = step_norms(big, "step")
+    assert step.dtype == torch.float64 and step[0, 0].item() == 2**24 + 1 and step[1, 0].item() == 2**40 + 1
+    epoch = step_norms(big, "epoch")
+    assert epoch[0, 0].item() == epoch[1, 0].item() == (2**24 + 1 + 2**40 + 1) / 2
