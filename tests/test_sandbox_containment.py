@@ -332,7 +332,7 @@ def test_keys_do_not_outlive_a_job_even_without_seccomp() -> None:
     first, second = bare.run_many(_KEYS, ["add", "find"])
     assert first.stdout.strip().isdigit(), first.stdout + first.stderr  # stored
     assert second.stdout.strip() == "ENOKEY"
-    assert first.info["uid"] == second.info["uid"]
+    assert first.info["uid"] == second.info["uid"] and first.info["job_userns"] is True
     assert _key_user_gone(first.info["uid"])
 
 

@@ -440,7 +440,7 @@ def _exec_job(job: dict, cfg: dict, host_fd: int, uid: int | None, in_pid_namesp
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            if in_pid_namespace:
+            if in_pid_namespace and cfg.get("job_userns"):
                 _own_user_namespace(uid)
         elif cfg["isolation"] == "userns":
             # A nested user namespace where the job is uid 1000: exec drops every capability, and
@@ -649,6 +649,23 @@ def _cleanup_after_job(pid: int, in_pid_namespace: bool, uid: int | None) -> Non
 _COMPILED_SECCOMP: tuple | None = None
 
 
+def _can_unshare_user_as(uid: int) -> bool:
+    """Whether ``uid`` may create a user namespace here (some hosts forbid it to unprivileged
+    users, e.g. Ubuntu's AppArmor restriction); jobs then run without one (the filter still
+    refuses keyrings)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os._exit(0 if _libc.unshare(CLONE_NEWUSER) == 0 else 1)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def _run_jobs(cfg: dict, host_fd: int, uid: int | None, in_pid_namespace: bool) -> list[dict]:
     global _COMPILED_SECCOMP
     if cfg.get("seccomp") and _COMPILED_SECCOMP is None:
@@ -716,7 +733,7 @@ def main(hostdir: str) -> int:
     with open(os.path.join(hostdir, "config.json")) as f:
         cfg = json.load(f)
     status: dict = {"isolation": cfg["isolation"], "uid": None, "error": None, "jobs": [],
-                    "seccomp": False, "ipc_quotas": False}
+                    "seccomp": False, "ipc_quotas": False, "job_userns": False}
     if cfg.get("seccomp", True) and seccomp_supported():
         cfg["seccomp"] = status["seccomp"] = True
     else:
@@ -765,6 +782,7 @@ def main(hostdir: str) -> int:
             # own processes' files there).
             _mount("proc", cfg["root"] + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             _enter_root(cfg["root"])
+            cfg["job_userns"] = status["job_userns"] = uid is not None and _can_unshare_user_as(uid)
             status["jobs"] = _run_jobs(cfg, host_fd, uid, in_pid_namespace=True)
         except BaseException as e:
             status["error"] = f"sandbox init failed: {type(e).__name__}: {e}"

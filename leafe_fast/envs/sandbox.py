@@ -41,7 +41,8 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
     ``RLIMIT_NPROC`` really is this sandbox's limit (root ignores it; a shared uid such as
     ``nobody`` would share it between concurrent sandboxes); each job in a user namespace of its
     own (same uid), so keyrings and other per-user kernel state die with the job and a later run
-    that gets the same uid finds nothing; a PID namespace whose init kills everything left after
+    that gets the same uid finds nothing (where the host lets an unprivileged uid create one,
+    ``info["job_userns"]``; elsewhere the filter alone refuses keyrings); a PID namespace whose init kills everything left after
     each job, and which the kernel empties when init exits;
   * the program cannot signal or trace host processes (other uid) nor see them (own ``/proc``).
   Not covered: total memory is per process (``RLIMIT_AS`` x process limit) plus kernel buffers
@@ -515,7 +516,7 @@ class Sandbox:
             max_rss_bytes=job["max_rss_bytes"],
             isolation=isolation,
             info={"uid": status.get("uid"), "hostdir": str(hostdir), "seccomp": status.get("seccomp"),
-                  "ipc_quotas": status.get("ipc_quotas"), "main_cpu_seconds": job.get("main_cpu_seconds"),
+                  "ipc_quotas": status.get("ipc_quotas"), "job_userns": status.get("job_userns"), "main_cpu_seconds": job.get("main_cpu_seconds"),
                   "stopped_for": "cpu" if job["cpu_exceeded"] else "wall" if job["timed_out"]
                   else "output" if job["output_exceeded"] else None},
         )
