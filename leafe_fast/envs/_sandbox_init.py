@@ -192,8 +192,20 @@ def seccomp_filter() -> list[tuple[int, int, int, int]]:
 
 
 def seccomp_supported() -> bool:
-    """Whether :func:`install_seccomp` applies here (x86_64 Linux)."""
-    return sys.platform == "linux" and os.uname().machine == "x86_64"
+    """Whether :func:`install_seccomp` applies here: x86_64 Linux whose kernel takes the filter
+    (tried in a forked child)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _prctl(PR_SET_NO_NEW_PRIVS, 1)
+            install_seccomp()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 class _SockFilter(ctypes.Structure):
