@@ -5,7 +5,6 @@ the project machines run as root, so they run there."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess

@@ -402,15 +402,12 @@ def _user_process_count(uid: int) -> int:
     return count
 
 
-
 def _map_ids(uid_line: str, gid_line: str) -> None:
     """Write this process's uid and gid maps (one line each) right after unsharing a user
     namespace; setgroups must be denied first for an unprivileged writer."""
     for name, text in (("setgroups", "deny"), ("uid_map", uid_line), ("gid_map", gid_line)):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
-
-
 
 
 def _own_user_namespace(uid: int) -> None:
@@ -654,8 +651,6 @@ def _cleanup_after_job(pid: int, in_pid_namespace: bool, uid: int | None) -> Non
             return
         if got == 0:
             time.sleep(0.002)
-
-
 
 
 _COMPILED_SECCOMP: tuple | None = None

@@ -64,7 +64,8 @@ Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest tha
   time; System V IPC is the host's), a new session per job whose process group is killed
   afterwards, and a Python audit hook that refuses socket creation, connect, bind and name
   resolution. Weaker, and said so: native code (ctypes) bypasses the audit hook; the program sees
-  the host's files (writes limited by permissions). As root, jobs still run as a fresh uid, and
+  the host's files (writes limited by permissions), and what it leaves in world-writable host
+  directories outlives the run. As root, jobs still run as a fresh uid, and
   everything of that uid is killed after each job. As another user, ``RLIMIT_NPROC`` counts all
   of the user's processes, so it is set to the current count plus the limit, and a child that
   calls ``setsid`` escapes the group kill (and its CPU time the verdict).
