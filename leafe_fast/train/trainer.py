@@ -339,9 +339,10 @@ class Trainer:
         computed = sum(int(mb.num_tokens) for mb in chunk)
         targets = sum(int(mb.num_targets) for mb in chunk)
         dev_stats = torch.zeros(G + 1, dtype=torch.float64, device=self.device)
+        # every copy of the step queued up front (non-blocking), none waits behind a micro-batch's compute
+        batches = [as_batch(mb.to_torch(self.device)) for mb in chunk]
         last = len(chunk) - 1
-        for i, mb in enumerate(chunk):
-            b = as_batch(mb.to_torch(self.device))
+        for i, b in enumerate(batches):
             if self.fsdp:
                 self.wrapper.set_requires_gradient_sync(self.sync_every_micro_batch or i == last)
             out = self.wrapper(b, norms)
