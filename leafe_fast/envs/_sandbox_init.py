@@ -567,9 +567,9 @@ class _Capture:
 def _supervise(pid: int, wall: float, cpu_limit: float, capture: _Capture, in_pid_namespace: bool,
                uid: int | None, cpu_before: float) -> tuple[int, resource.struct_rusage, str | None]:
     """Wait for the job ``pid`` while reading its output; kill it at the wall limit, when its
-    stdout passes the cap, or when its process tree's CPU time passes ``cpu_limit`` (checked every
-    ``_SAMPLE_SECONDS``: the processes alive, plus everything this process has reaped since
-    ``cpu_before``). Returns (status, rusage of ``pid``, reason it was killed or None)."""
+    stdout passes the cap, or when its process tree's CPU time passes ``cpu_limit`` (two samples
+    in a row, ``_SAMPLE_SECONDS`` apart: the processes alive, plus everything this process has
+    reaped since ``cpu_before``). Returns (status, rusage of ``pid``, reason it was killed or None)."""
     start = time.monotonic()
     deadline = start + wall
     next_sample = start + _SAMPLE_SECONDS
@@ -580,6 +580,7 @@ def _supervise(pid: int, wall: float, cpu_limit: float, capture: _Capture, in_pi
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
     reason = None
+    was_over = False
     sample = in_pid_namespace or uid is not None
     try:
         while True:
@@ -591,8 +592,12 @@ def _supervise(pid: int, wall: float, cpu_limit: float, capture: _Capture, in_pi
                 reason = "wall"
             elif sample and now >= next_sample:
                 next_sample = now + _SAMPLE_SECONDS
-                if _children_cpu() - cpu_before + _live_tree_cpu(in_pid_namespace, uid) > cpu_limit:
+                # Two samples in a row: one can count a child twice (read as a zombie, then in
+                # its parent's cutime once reaped); the exact total decides the verdict anyway.
+                over = _children_cpu() - cpu_before + _live_tree_cpu(in_pid_namespace, uid) > cpu_limit
+                if over and was_over:
                     reason = "cpu"
+                was_over = over
             if capture.overflow:
                 reason = "output"
             if reason is not None:
