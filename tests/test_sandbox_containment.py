@@ -202,6 +202,8 @@ def test_cpu_of_unreaped_children_counts(sandbox: Sandbox, parent: str) -> None:
     result = sandbox.run(program)
     assert result.verdict is Verdict.TIMEOUT, (result.verdict, result.cpu_seconds, result.stderr)
     assert result.cpu_seconds > LIMITS.cpu_seconds  # the tree's CPU, not the parent's ~0.02 s
+    if parent == "sleeps":  # stopped at the CPU limit, long before the 20 s wall limit
+        assert result.info["stopped_for"] == "cpu" and result.wall_seconds < 15
     if parent == "ignores_sigchld":
         assert "refused 1" in result.stderr
 

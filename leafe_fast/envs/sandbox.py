@@ -16,7 +16,7 @@ The CPU time that decides the verdict (and ``RunResult.cpu_seconds``) is that of
 process tree, children reaped or not: every process is reaped in the end by init or by a parent
 init reaped, and the filter refuses the one way around it (ignoring SIGCHLD, which makes the kernel
 reap children without counting their time). While the job runs, the tree is sampled every 50 ms
-and killed once it passes the limit.
+and killed once two samples in a row are over the limit.
 
 Isolation levels (``Sandbox(isolation=...)``; ``"auto"`` picks the strongest that works here):
 
