@@ -51,6 +51,12 @@ def test_parts_and_flat_keywords_build_the_same_config():
     assert dataclasses.replace(flat, max_steps=7).data == flat.data  # replace keeps the parts
     with pytest.raises(TypeError, match="unknown option 'budget'"):
         TrainConfig(budget=64)
+    # reads and writes of a part's field through the whole config reach that part (no stray attribute)
+    assert flat.lr == 3e-4 and flat.token_budget == 128 and flat.output_dir is None
+    flat.lr = 1e-2
+    assert flat.optim.lr == 1e-2 and "lr" not in vars(flat)
+    with pytest.raises(AttributeError, match="no field 'budget'"):
+        flat.budget
 
 
 def test_field_names_are_unique_across_parts_and_every_field_is_documented():

@@ -294,9 +294,22 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name))}")
         check_fields(self)
 
-    @property
-    def output_dir(self) -> str | None:
-        return self.checkpoint.output_dir
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.lr`` reads ``cfg.optim.lr``: code written before the split keeps working (reads only the
+        one part that owns the name; called only for names that are not top-level fields)."""
+        owner = _field_owners().get(name)
+        part = self.__dict__.get(owner) if owner else None
+        if part is None:
+            raise AttributeError(f"TrainConfig has no field {name!r}")
+        return getattr(part, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``cfg.lr = x`` sets ``cfg.optim.lr`` (never a stray attribute the trainer would not read)."""
+        owner = _field_owners().get(name)
+        if owner is not None and name not in part_classes():
+            setattr(getattr(self, owner), name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def flat(self) -> dict[str, Any]:
         """Every field of every part by its own name (``{"lr": ..., "token_budget": ..., ...}``)."""
