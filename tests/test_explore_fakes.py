@@ -102,7 +102,6 @@ class LineEnv:
         self.state = snapshot
 
     def ground_reflection(self, history, mode="diagnosis"):
-        self.grounding_modes = getattr(self, "grounding_modes", []) + [mode]
         g = self.spec.get("ground")
         return None if g is None else GroundedReflection(int(g[0]), str(g[1]))
 
