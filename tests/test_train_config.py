@@ -168,6 +168,13 @@ def test_resume_refuses_other_samples(tmp_path):
     _trainer(tmp_path, samples=random_samples(14, len(tok), seed=3)).train(steps=3)
     with pytest.raises(UserError, match="pack differently"):
         _trainer(tmp_path, samples=random_samples(14, len(tok), seed=4), resume=True)
+    # a refused resume restores nothing: the weights and optimizer of the trainer stay as they were
+    other = _trainer(tmp_path, samples=random_samples(14, len(tok), seed=4), model_seed=9)
+    before = {k: v.clone() for k, v in other.wrapper.state_dict().items()}
+    with pytest.raises(UserError, match="pack differently"):
+        other.resume(True)
+    assert all(torch.equal(before[k], v) for k, v in other.wrapper.state_dict().items())
+    assert other.step == 0 and not other.optimizer.state
     # the same samples resume fine
     assert _trainer(tmp_path, samples=random_samples(14, len(tok), seed=3), resume=True).step == 3
 

@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -148,8 +148,13 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     restore_rng: bool = True,
+    validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore everything saved by :func:`save_checkpoint` in place; returns the trainer state."""
+    """Restore everything saved by :func:`save_checkpoint` in place; returns the trainer state.
+
+    ``validate(train_state)`` runs before anything is restored: when it raises (a resume that would read
+    another packing), the model, optimizer, scheduler and RNGs are untouched.
+    """
     path = Path(path)
     fix = (f"delete {path} to resume from an earlier checkpoint (the pointer falls back to the newest complete "
            "one), or pass --resume with another checkpoint directory")
@@ -163,6 +168,9 @@ def load_checkpoint(
         if not (path / ".metadata").exists():
             raise UserError(str(path), "is not a distributed checkpoint (no .metadata; was it written by one "
                             "process?)", "resume with the number of ranks that wrote it, or " + fix)
+        meta = _load_file(path / "meta.pt", ("scheduler", "train_state"), fix)
+        if validate is not None:
+            validate(meta["train_state"])
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optimizer": osd}
         try:
@@ -171,7 +179,6 @@ def load_checkpoint(
             raise UserError(str(path), f"the distributed checkpoint cannot be read ({_first_line(exc)})",
                             fix) from exc
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        meta = _load_file(path / "meta.pt", ("scheduler", "train_state"), fix)
         scheduler.load_state_dict(meta["scheduler"])
         rng_file = path / f"rng_rank{_rank()}.pt"
         if restore_rng and rng_file.exists():
@@ -182,6 +189,8 @@ def load_checkpoint(
     state = _load_file(path / "state.pt", ("model", "optimizer", "scheduler", "train_state", "rng"),
                        "it was written by a distributed run: resume it under torchrun with the same ranks"
                        if (path / ".metadata").exists() else fix)
+    if validate is not None:
+        validate(state["train_state"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -484,33 +484,35 @@ class Trainer:
                 return False
         else:
             path = Path(where)
-        st = load_checkpoint(path, model=self.wrapper, optimizer=self.optimizer, scheduler=self.scheduler)
-        where_txt = f"--resume {path}"
+        st = load_checkpoint(path, model=self.wrapper, optimizer=self.optimizer, scheduler=self.scheduler,
+                             validate=lambda state: self._check_resumable(state, f"--resume {path}"))
+        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
+        self.tokens_seen = st.get("tokens_seen", 0)
+        if self.out and self.dist.is_main:
+            MetricsLog.truncate_after(self.out / "metrics.jsonl", self.step)
+        return True
+
+    def _check_resumable(self, st: dict[str, Any], where: str) -> None:
+        """Raise ``UserError`` unless checkpoint state ``st`` continues this run's data order (see ``resume``)."""
         if st.get("world_size", 1) != self.dist.world_size:
-            raise UserError(where_txt, f"the checkpoint was written by {st.get('world_size')} ranks, this run has "
+            raise UserError(where, f"the checkpoint was written by {st.get('world_size')} ranks, this run has "
                             f"{self.dist.world_size}; the data position would not match",
                             f"run with {st.get('world_size')} ranks or start a new run")
         if st.get("precision", self.precision) != self.precision:
             # Resuming bf16-pure optimizer state into fp32 masters (or back) would silently change the run.
-            raise UserError(where_txt, f"the checkpoint was trained with precision {st.get('precision')!r}, this "
+            raise UserError(where, f"the checkpoint was trained with precision {st.get('precision')!r}, this "
                             f"run uses {self.precision!r}", f"pass --precision {st.get('precision')}")
-        saved = st.get("data_order") or {}
         now = self.data_order()
-        for name, old in saved.items():
+        for name, old in (st.get("data_order") or {}).items():
             if name in now and now[name] != old and name not in ("world_size", "resolved_strategy"):
                 flag = "--" + name.replace("_", "-")
-                raise UserError(where_txt, f"the checkpoint was trained with {name}={old!r}, this run has "
+                raise UserError(where, f"the checkpoint was trained with {name}={old!r}, this run has "
                                 f"{now[name]!r}: it would read a different packing", f"pass {flag} {old} or start "
                                 "a new run in another --out")
-        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
-        self.tokens_seen = st.get("tokens_seen", 0)
         want = st.get("packing_fingerprint")
-        if want is not None and self._plan(self.epoch).fingerprint != want:
-            raise UserError(where_txt, f"the samples pack differently from the ones the checkpoint was trained on "
-                            f"(epoch {self.epoch})", "resume with the same samples file, or start a new run")
-        if self.out and self.dist.is_main:
-            MetricsLog.truncate_after(self.out / "metrics.jsonl", self.step)
-        return True
+        if want is not None and self._plan(st["epoch"]).fingerprint != want:
+            raise UserError(where, f"the samples pack differently from the ones the checkpoint was trained on "
+                            f"(epoch {st['epoch']})", "resume with the same samples file, or start a new run")
 
     def export(self, out_dir: str | Path) -> Path | None:
         """safetensors + config (+ tokenizer) loadable by ``AutoModelForCausalLM.from_pretrained``."""
