@@ -450,6 +450,14 @@ def test_seccomp_filter_refuses_what_a_judged_program_never_needs(sandbox: Sandb
         "    r = libc.syscall(*args)\n"
         "    print(name, 'allowed' if r >= 0 else err())\n"
         "print('clone_newuser', 'allowed' if libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0) == 0 else err())\n"
+        "import socket\n"
+        "for family in (38, 40, 17):  # AF_ALG, AF_VSOCK, AF_PACKET\n"
+        "    try:\n"
+        "        socket.socket(family, socket.SOCK_SEQPACKET if family != 17 else socket.SOCK_RAW)\n"
+        "        print('family', family, 'allowed')\n"
+        "    except OSError as e:\n"
+        "        print('family', family, errno.errorcode[e.errno])\n"
+        "a, b = socket.socketpair(); a.sendall(b'x'); print('socketpair', b.recv(1).decode())\n"
         "import subprocess, threading\n"
         "t = threading.Thread(target=print, args=('thread ok',)); t.start(); t.join()\n"
         "print(subprocess.run(['echo', 'spawn ok'], capture_output=True, text=True).stdout.strip())\n"
@@ -458,6 +466,8 @@ def test_seccomp_filter_refuses_what_a_judged_program_never_needs(sandbox: Sandb
     assert result.info["seccomp"] is True or os.uname().machine != "x86_64"
     if not result.info["seccomp"]:
         pytest.skip("no seccomp filter on this architecture")
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert lines.pop("thread") == "ok" and lines.pop("spawn") == "ok"
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if not line.startswith("family"))
+    assert lines.pop("thread") == "ok" and lines.pop("spawn") == "ok" and lines.pop("socketpair") == "x"
     assert set(lines.values()) == {"EPERM"}, lines
+    families = [line for line in result.stdout.splitlines() if line.startswith("family")]
+    assert families == [f"family {f} EAFNOSUPPORT" for f in (38, 40, 17)], families

@@ -30,6 +30,8 @@ def plain_rule(arch: int, nr: int, args: list[int]) -> int:
         return DENY
     if nr == 13 and args[0] & 0xFFFFFFFF == 17 and args[1] != 0:  # rt_sigaction(SIGCHLD, act)
         return DENY
+    if nr in (41, 53) and args[0] & 0xFFFFFFFF not in (1, 2, 10, 16):  # socket, socketpair
+        return si.SECCOMP_RET_ERRNO | 97
     return ALLOW
 
 
@@ -57,10 +59,10 @@ def test_filter_matches_its_plain_rule() -> None:
     prog = si.seccomp_filter()
     assert len(prog) < 4096 and all(0 <= jt < 256 and 0 <= jf < 256 for _, jt, jf, _ in prog)
     rng = random.Random(15)
-    interesting = [0, 1, 13, 56, 57, 435, 0x40000000, 0x40000001, 0x3FFFFFFF] + list(si.BLOCKED_SYSCALLS_X86_64.values())
+    interesting = [0, 1, 13, 41, 53, 56, 57, 435, 0x40000000, 0x40000001, 0x3FFFFFFF] + list(si.BLOCKED_SYSCALLS_X86_64.values())
     cases = []
     for nr in interesting:
-        for first in (0, 17, 0x10000000 | 17, 0x00020000, 0x80 | 17, 0x1_00000011, 0x7E020000):
+        for first in (0, 1, 2, 10, 16, 17, 38, 40, 0x1_00000002, 0x10000000 | 17, 0x00020000, 0x80 | 17, 0x1_00000011, 0x7E020000):
             for second in (0, 1, 1 << 32, 0xFFFFFFFF_FFFFFFFF):
                 cases.append((si.AUDIT_ARCH_X86_64, nr, [first, second, 0, 0, 0, 0]))
     for _ in range(3000):

@@ -117,7 +117,11 @@ BLOCKED_SYSCALLS_X86_64 = {
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "pidfd_getfd": 438, "mount_setattr": 442, "quotactl_fd": 443, "memfd_secret": 447,
 }
-_NR_CLONE, _NR_CLONE3, _NR_RT_SIGACTION = 56, 435, 13
+_NR_CLONE, _NR_CLONE3, _NR_RT_SIGACTION, _NR_SOCKET, _NR_SOCKETPAIR = 56, 435, 13, 41, 53
+# Socket families a program may open (unix, inet, inet6, netlink: libc's address lookups use it);
+# the rest (AF_ALG, AF_VSOCK, AF_PACKET, AF_KEY, ...) is kernel surface it never needs.
+SOCKET_FAMILIES = (1, 2, 10, 16)
+_EAFNOSUPPORT = 97
 # clone() flags that create namespaces (CLONE_NEWTIME is 0x80, which clone() reads as exit signal).
 CLONE_NEW_MASK = 0x7E020000
 _X32_BIT = 0x40000000
@@ -151,7 +155,8 @@ def _assemble(lines: list[tuple]) -> list[tuple[int, int, int, int]]:
 def seccomp_filter() -> list[tuple[int, int, int, int]]:
     """The job's filter as (code, jt, jf, k) instructions. Blocked: the syscalls above (EPERM),
     ``clone`` with namespace flags (EPERM), ``clone3`` (ENOSYS, so libc falls back to ``clone``,
-    whose flags a filter can read), x32 syscalls (EPERM) and foreign-architecture ones (kill), and
+    whose flags a filter can read), x32 syscalls (EPERM) and foreign-architecture ones (kill),
+    sockets of families other than :data:`SOCKET_FAMILIES` (EAFNOSUPPORT), and
     setting any action for SIGCHLD (``rt_sigaction(SIGCHLD, act != NULL)``, EPERM): ignoring
     SIGCHLD makes the kernel reap children without adding their CPU time to any parent, the one way
     a process tree could hide CPU time from its init. Reading the current action stays allowed."""
@@ -169,6 +174,8 @@ def seccomp_filter() -> list[tuple[int, int, int, int]]:
         (_JEQ_K, _NR_CLONE3, "nosys", None),
         (_JEQ_K, _NR_CLONE, "clone", None),
         (_JEQ_K, _NR_RT_SIGACTION, "sigaction", None),
+        (_JEQ_K, _NR_SOCKET, "socket", None),
+        (_JEQ_K, _NR_SOCKETPAIR, "socket", None),
         ("label", "allow"),
         (_RET_K, SECCOMP_RET_ALLOW),
         ("label", "clone"),
@@ -182,6 +189,14 @@ def seccomp_filter() -> list[tuple[int, int, int, int]]:
         (_LD_W_ABS, 28),  # args[1], high word
         (_JSET_K, 0xFFFFFFFF, "deny", None),
         ("label", "allow2"),
+        (_RET_K, SECCOMP_RET_ALLOW),
+        ("label", "socket"),
+        (_LD_W_ABS, 16),  # args[0], low word: the family
+    ]
+    lines += [(_JEQ_K, family, "allow3", None) for family in SOCKET_FAMILIES]
+    lines += [
+        (_RET_K, SECCOMP_RET_ERRNO | _EAFNOSUPPORT),
+        ("label", "allow3"),
         (_RET_K, SECCOMP_RET_ALLOW),
         ("label", "deny"),
         (_RET_K, deny),
