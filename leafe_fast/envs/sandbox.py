@@ -9,8 +9,8 @@ stdout and stderr on pipes the launcher reads with a cap (past ``Limits.max_outp
 is killed: ``output_limit``), so nothing the job does to its stdio reaches the host's disk; an
 environment of a few fixed variables; ``PR_SET_NO_NEW_PRIVS`` (setuid and file-capability
 binaries run with the job's own rights); a seccomp filter on x86_64 (keyrings, ptrace, mount,
-namespaces, BPF, perf, modules, kexec, io_uring, userfaultfd, memfd and other calls a judged
-program never needs fail with EPERM). Python runs isolated (``-I -S -B``).
+namespaces, BPF, perf, modules, kexec, io_uring, userfaultfd, memfd, socket families other than
+unix/inet/inet6/netlink, and other calls a judged program never needs fail). Python runs isolated (``-I -S -B``).
 
 The CPU time that decides the verdict (and ``RunResult.cpu_seconds``) is that of the job's whole
 process tree, children reaped or not: every process is reaped in the end by init or by a parent
