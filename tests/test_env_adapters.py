@@ -644,8 +644,12 @@ def test_scienceworld_normalise_ignores_listing_order_only():
         assert normalise(room) == normalise(other)
         inline = f"\ta table. On the table is: {', '.join(a)}."
         assert normalise(inline) == normalise(f"\ta table. On the table is: {', '.join(b)}.")
+    assert normalise("\ta seed jar (containing a round pea seed, a wrinkly pea seed)") == normalise(
+        "\ta seed jar (containing a wrinkly pea seed, a round pea seed)")
     # different states stay different: descriptions swapped between objects, or an object moved
     assert normalise("\tOn it: a bulb, which is off, a wire, which is on.") != normalise(
         "\tOn it: a bulb, which is on, a wire, which is off.")
     assert normalise("\ta cup (containing a jug, a bowl), a chair") != normalise("\ta cup (containing a jug), a bowl, a chair")
     assert normalise("You see:\n\ta cup\nYou also see:\n\ta door") != normalise("You see:\n\ta door\nYou also see:\n\ta cup")
+    assert normalise("\ta jar (containing a seed (containing a bug), a nut)") != normalise(
+        "\ta jar (containing a seed, a nut (containing a bug))")

@@ -55,6 +55,7 @@ class ALFWorldEnv(ReplayEnv):
         self._tw_gym = require("textworld.gym", self._INSTALL, "alfworld")
         self._alfred = require("alfworld.agents.environment.alfred_tw_env", self._INSTALL, "alfworld")
         self._env = None
+        self._env_game = ""
         self._env_ids: dict[str, str] = {}
         self._score = 0.0
 
@@ -75,8 +76,10 @@ class ALFWorldEnv(ReplayEnv):
         if not game:
             raise ValueError(f"ALFWorld task {task.task_id!r} needs spec['game_file']")
         env_id = self._register(str(game))
-        self._close_backend()
-        self._env = self._tw_gym.make(env_id)
+        if self._env is None or self._env_game != game:  # a new game: a new TextWorld env
+            self._close_backend()
+            self._env = self._tw_gym.make(env_id)
+            self._env_game = game
         obs, _ = self._env.reset()
         self._score = 0.0
         return str(obs)

@@ -54,16 +54,10 @@ def ambiguity_options(observation: str) -> list[str]:
 _ARTICLE = re.compile(r"(?:a|an|A|An|the|The) ")
 
 
-def _sort_inline_list(line: str) -> str:
-    """Sort the items of an inline listing after the line's first ": " ("On the table is: a jug, a
-    cup."; "You also see: A door to ..., A door to ..."). Items are split only at a comma outside
+def _sort_items(body: str) -> str:
+    """Sort the items of a comma-separated listing. Items are split only at a comma outside
     parentheses that is followed by an article, so an item keeps its own description ("a bulb, which
-    is off") and its contents ("a cup (containing water, salt)")."""
-    head, sep, body = line.partition(": ")
-    if not sep:
-        return line
-    end = "." if body.endswith(".") else ""
-    body = body[: len(body) - len(end)]
+    is off"); the listing inside an item's "(containing ...)" is sorted the same way."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(body):
         if ch == "(":
@@ -73,10 +67,35 @@ def _sort_inline_list(line: str) -> str:
         elif ch == "," and depth == 0 and body.startswith(" ", i + 1) and _ARTICLE.match(body, i + 2):
             items.append(body[start:i])
             start = i + 2
-    if not items:
-        return line
     items.append(body[start:])
-    return f"{head}{sep}{', '.join(sorted(items))}{end}"
+    return ", ".join(sorted(_sort_contents(item) for item in items))
+
+
+def _sort_contents(item: str) -> str:
+    """``item`` with the listing of its (last) "(containing ...)" sorted."""
+    at = item.rfind("(containing ")
+    if at < 0:
+        return item
+    depth, close = 0, -1
+    for i in range(at, len(item)):
+        depth += {"(": 1, ")": -1}.get(item[i], 0)
+        if depth == 0:
+            close = i
+            break
+    if close < 0:
+        return item
+    inner = item[at + len("(containing "):close]
+    return f"{_sort_contents(item[:at])}(containing {_sort_items(inner)}){item[close + 1:]}"
+
+
+def _sort_inline_list(line: str) -> str:
+    """Sort the items of an inline listing after the line's first ": " ("On the table is: a jug, a
+    cup."; "You also see: A door to ..., A door to ...") and of every "(containing ...)"."""
+    head, sep, body = line.partition(": ")
+    if not sep:
+        return _sort_contents(line)
+    end = "." if body.endswith(".") else ""
+    return f"{_sort_contents(head)}{sep}{_sort_items(body[: len(body) - len(end)])}{end}"
 
 
 def normalise(text: str) -> str:
