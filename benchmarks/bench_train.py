@@ -306,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "bf16-pure", "fp32"],
                    help="every peer's precision (auto: bf16-mixed on CUDA, fp32 on the CPU)")
     p.add_argument("--name", default=None, help="result file name (default: train_<device>_<config>)")
+    p.add_argument("--trie", action="store_true",
+                   help="instead: trie vs flat layout on LEAFE-shaped trees (train_trie_<device>.json)")
+    p.add_argument("--trees", type=int, default=None, help="--trie: number of synthetic trees")
     args = p.parse_args(argv)
+    if args.trie:
+        return run_trie(args)
 
     cuda = torch.cuda.is_available() and not args.small
     device = torch.device("cuda" if cuda else "cpu")
@@ -419,6 +424,91 @@ def main(argv: list[str] | None = None) -> int:
     save_plot(name, labels, [results[k].get("tokens_per_s") for k in labels], ylabel="real tokens/s (higher is better)",
               title=f"train {args.config} on {env['device']} ({args.precision}); n/a = skipped or OOM")
     print(f"bench_train: wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- trie vs flat layout
+def run_trie(args: argparse.Namespace) -> int:
+    """Train-step wall time of the same samples packed flat and as tries; speed-up against token compression.
+
+    CUDA: the configured Qwen2.5 shapes in bf16-mixed, flash varlen (flat) against the compiled flex tree mask
+    (trie). CPU: the tiny config in fp32, each layout's attention backend chosen by measurement.
+    """
+    import os
+
+    from leafe_fast.packing import pack
+    from leafe_fast.train import TrainConfig, Trainer, load_model
+    from leafe_fast.train.attention import measured_backends
+
+    try:
+        from benchmarks.common import time_fn
+        from benchmarks.trie_data import TreeShape, leafe_trees
+    except ImportError:
+        from common import time_fn  # type: ignore[no-redef]
+        from trie_data import TreeShape, leafe_trees  # type: ignore[no-redef]
+
+    cuda = torch.cuda.is_available() and not args.small
+    device = torch.device("cuda" if cuda else "cpu")
+    from leafe_fast.train.precision import master_dtype, resolve_precision
+
+    precision = resolve_precision(args.precision, device)
+    if cuda:
+        config, shape, budget, trees = args.config or "qwen2.5-0.5b", TreeShape(), args.budget or 32768, args.trees or 16
+    else:  # LEAFE-shaped but scaled to what two shared cores train in minutes
+        config, budget, trees = args.config or "tiny", args.budget or 4096, args.trees or 12
+        shape = TreeShape(steps=(6, 10), step_tokens=(40, 100), prompt_tokens=(100, 200), continue_steps=(2, 5),
+                          vocab=8192)
+    cfg = make_config(config)
+    shape.vocab = min(shape.vocab, cfg.vocab_size)
+    samples = leafe_trees(trees, shape, seed=args.seed)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "train_trie", "env": env_info(), "load_avg_at_start": os.getloadavg(),
+                              "config": config, "precision": precision, "budget": budget, "trees": trees,
+                              "samples": len(samples), "shape": shape.as_dict()}
+    for layout in ("flat", "trie"):
+        model = load_model(cfg, dtype=master_dtype(precision), precision=precision, device=device, liger="auto",
+                           seed=args.seed)
+        trainer = Trainer(model, samples, TrainConfig(max_steps=10**6, token_budget=budget, lr=1e-5, layout=layout,
+                                                      truncation="left", progress=False, peak_flops=None,
+                                                      precision=precision))
+        packing = pack(samples, budget, layout=layout, truncation="left", seed=args.seed)
+        mbs = packing.micro_batches
+
+        def epoch():
+            for mb in mbs:
+                trainer.train_step([mb])
+
+        t = time_fn(epoch, warmup=1, iters=args.steps or (2 if not cuda else 5))
+        sec = t["median_ms"] / 1e3
+        result[layout] = {"time_ms": t, "micro_batches": len(mbs), "flat_tokens": packing.stats.flat_tokens,
+                          "computed_tokens": packing.stats.real_tokens,
+                          "flat_equivalent_tokens_per_s": packing.stats.flat_tokens / sec,
+                          "computed_tokens_per_s": packing.stats.real_tokens / sec}
+        print(f"{layout}: {len(mbs)} micro-batches, {packing.stats.real_tokens:,} computed tokens, "
+              f"{sec:.2f} s per pass, {packing.stats.flat_tokens / sec:,.0f} flat-equivalent tok/s")
+        del trainer, model
+        gc.collect()
+    result["attention_choices"] = {str(k): v for k, v in measured_backends().items()}
+    compression = result["flat"]["computed_tokens"] / result["trie"]["computed_tokens"]
+    speedup = result["flat"]["time_ms"]["median_ms"] / result["trie"]["time_ms"]["median_ms"]
+    result.update(compression=compression, speedup=speedup, speedup_over_compression=speedup / compression,
+                  targets={"cpu_speedup_at_least_0.8x_compression": speedup >= 0.8 * compression} if not cuda else
+                  {"gpu_effective_tokens_per_s_at_least_2x_flat":
+                   result["trie"]["flat_equivalent_tokens_per_s"] >= 2 * result["flat"]["flat_equivalent_tokens_per_s"]},
+                  load_avg_at_end=os.getloadavg(), wall_s=time.perf_counter() - t0,
+                  notes="one pass = one optimizer step per micro-batch over all micro-batches (Trainer.train_step); "
+                        "time_ms from benchmarks.common.time_fn (1 warm-up pass, which also makes the CPU "
+                        "attention measurements). " + ("" if cuda else "CPU, 2-core VM shared with other jobs "
+                        "(load averages recorded); the GPU figure (flex tree mask vs flash varlen) is still to be "
+                        "measured."))
+    name = args.name or f"train_trie_{'cuda' if cuda else 'cpu'}"
+    path = write_result(name, result)
+    save_plot(name, ["flat", "trie"], [result["flat"]["flat_equivalent_tokens_per_s"],
+                                       result["trie"]["flat_equivalent_tokens_per_s"]],
+              ylabel="flat-equivalent tokens/s (higher is better)",
+              title=f"{config} {precision}: trie x{speedup:.2f} faster, tokens x{compression:.2f} fewer")
+    print(f"compression {compression:.2f}x, speed-up {speedup:.2f}x ({speedup / compression:.2f} of compression); "
+          f"wrote {path}")
     return 0
 
 

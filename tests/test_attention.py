@@ -203,7 +203,7 @@ def _tree_reference(q, k, v, ends, depth, window=None):
 
 
 @pytest.mark.parametrize("window", [None, 2])
-@pytest.mark.parametrize("backend", ["tree_sdpa", "tree_chunks"])
+@pytest.mark.parametrize("backend", ["tree_sdpa", "tree_chunks", "tree_paths"])
 def test_tree_backends_match_reference(backend, window):
     g = torch.Generator().manual_seed(7)
     for _ in range(5):

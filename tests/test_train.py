@@ -277,13 +277,17 @@ def test_bf16_mixed_keeps_fp32_master_and_tracks_fp32(monkeypatch):
     t.hf_model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: compute.append(o.dtype))
     import leafe_fast.train.attention as attention
 
-    attn_dtypes, packed = set(), attention.varlen_attention_packed
+    attn_dtypes = set()
 
-    def spy(q, k, v, *args, **kw):
-        attn_dtypes.add((q.dtype, k.dtype, v.dtype))
-        return packed(q, k, v, *args, **kw)
+    def spying(real):
+        def spy(q, k, v, *args, **kw):
+            attn_dtypes.add((q.dtype, k.dtype, v.dtype))
+            return real(q, k, v, *args, **kw)
+        return spy
 
-    monkeypatch.setattr(attention, "varlen_attention_packed", spy)
+    # flat batches go through the varlen entry, trie batches (the default for tree data) through the tree one
+    monkeypatch.setattr(attention, "varlen_attention_packed", spying(attention.varlen_attention_packed))
+    monkeypatch.setattr(attention, "tree_attention", spying(attention.tree_attention))
     mixed = t.train().losses
     assert compute and set(compute) == {torch.bfloat16}  # the matmuls ran in bf16 ...
     # fp32 RoPE tables make q, k fp32 next to a bf16 v; the flash kernels need them cast to one dtype

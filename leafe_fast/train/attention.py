@@ -21,10 +21,12 @@ Trie (prefix-shared) batches (``leafe_fast.packing`` ``layout="trie"``) carry ``
 attends to token ``i`` iff ``i <= j < subtree_end[i]``. :class:`TreeMask` is built once per micro-batch from it
 and handed to every layer (the ``leafe_tree_mask`` keyword); its backends (``TREE_BACKENDS``):
 
-- ``flex``        FlexAttention with a block-sparse ``BlockMask`` (compiled; CUDA, and the CPU where inductor
-  builds it)
+- ``flex``        FlexAttention with a block-sparse ``BlockMask`` (compiled; CUDA, and on the CPU for inference
+  only: torch has no CPU flex backward)
 - ``tree_sdpa``   SDPA with a dense [T, T] tree mask (any device; O(T^2) memory)
 - ``tree_chunks`` one dense-masked SDPA per tree chunk (``cu_seqlens`` bounds; O(chunk^2) memory)
+- ``tree_paths``  one SDPA per branch segment (a run of tokens added by one sample) against its gathered
+  ancestor path: attention work at most the flat layout's, the CPU analogue of flex's block sparsity
 
 The backend is chosen per model (:func:`set_model_backend`, stored on the model's modules, never
 process-wide). "auto" on CUDA: flash varlen for flat batches, ``flex`` for trie batches; on the CPU the
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 VARLEN_ATTENTION = "leafe_varlen"
 Backend = Literal["flash_attn", "torch_varlen", "sdpa_mask", "loop"]
 BACKENDS: tuple[str, ...] = ("flash_attn", "torch_varlen", "sdpa_mask", "loop")
-TREE_BACKENDS: tuple[str, ...] = ("flex", "tree_sdpa", "tree_chunks")
+TREE_BACKENDS: tuple[str, ...] = ("flex", "tree_sdpa", "tree_chunks", "tree_paths")
 # Dense [T, T] masks above this many tokens are never tried (memory), whatever a measurement would say.
 MASK_MAX_TOKENS = 16384
 # Attribute names on a model's modules that hold its backend choice (see set_model_backend).
@@ -436,6 +438,27 @@ class TreeMask:
             self._cache["chunks"] = [(x, y) for x, y in zip(b[:-1], b[1:]) if y > x]
         return self._cache["chunks"]
 
+    def segments(self) -> list[tuple[int, int, torch.Tensor]]:
+        """Branch segments ``(start, stop, keys)``: tokens [start, stop) form a chain (each the child of the
+        previous one) and ``keys`` indexes their ancestor path followed by the segment itself."""
+        if "segments" not in self._cache:
+            end, depth = self.subtree_end.tolist(), self.depth.tolist()
+            starts = {a for a, b in self.chunks()}
+            out, path = [], []  # path: the indices of the current root-to-token path
+            j = 0
+            while j < self.total:
+                if j in starts:
+                    path = []
+                del path[depth[j]:]  # back up to the parent of j
+                k = j + 1
+                while k < self.total and k not in starts and depth[k] == depth[k - 1] + 1 and end[k - 1] > k:
+                    k += 1
+                path.extend(range(j, k))
+                out.append((j, k, torch.tensor(path, dtype=torch.long, device=self.device)))
+                j = k
+            self._cache["segments"] = out
+        return self._cache["segments"]
+
     def block_mask(self, window: int | None = None):
         """FlexAttention ``BlockMask`` (block-sparse: blocks with no visible pair are skipped)."""
         key = ("block", window)
@@ -466,8 +489,10 @@ def _tree_candidates(device: torch.device, total: int) -> list[str]:
     """Tree backends worth trying on ``device`` for ``total`` tokens."""
     if device.type == "cuda":
         return ["flex"]
-    out = ["tree_chunks"]
-    if total >= 1024:  # compiling flex for the CPU takes tens of seconds: not worth it for tiny packs
+    out = ["tree_paths", "tree_chunks"]
+    # compiling flex for the CPU takes tens of seconds: not worth it for tiny packs; and flex has no CPU
+    # backward ("FlexAttention does not support backward on CPU"), so never while training
+    if total >= 1024 and not torch.is_grad_enabled():
         out.append("flex")
     if total <= MASK_MAX_TOKENS:
         out.insert(0, "tree_sdpa")
@@ -494,7 +519,7 @@ def tree_attention(
             backend = cands[0]
         else:
             key = ("tree", q.device.type, q.dtype, _bucket(total), _bucket(len(tree.chunks())), heads, head_dim,
-                   sliding_window is not None)
+                   sliding_window is not None, torch.is_grad_enabled())
             run = lambda b: lambda: tree_attention(q, k, v, tree, scale=scale,  # noqa: E731
                                                    sliding_window=sliding_window, backend=b)
             backend = measured_choice(key, {b: run(b) for b in cands})
@@ -514,6 +539,18 @@ def tree_attention(
         for a, b in tree.chunks():
             mask = tree.dense(sliding_window, a, b)
             pieces.append(F.scaled_dot_product_attention(qh[None, :, a:b], kh[None, :, a:b], vh[None, :, a:b],
+                                                         attn_mask=mask, scale=scale)[0])
+        return torch.cat(pieces, dim=1).transpose(0, 1)
+    if backend == "tree_paths":
+        pieces = []
+        for a, b, keys in tree.segments():
+            n, m = b - a, keys.numel()
+            # the segment's queries see the whole ancestor path and the segment causally (bottom-right aligned)
+            mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+            if sliding_window is not None:
+                d = tree.depth
+                mask &= (d[a:b, None] - d[keys][None, :]) < sliding_window
+            pieces.append(F.scaled_dot_product_attention(qh[None, :, a:b], kh[None][:, :, keys], vh[None][:, :, keys],
                                                          attn_mask=mask, scale=scale)[0])
         return torch.cat(pieces, dim=1).transpose(0, 1)
     raise ValueError(f"tree attention backend {backend!r} is unknown; choose 'auto' or one of {TREE_BACKENDS}")
