@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explore": ("leafe_fast.explore.command", "Stage 1: reflective tree exploration -> trees.jsonl"),
     "build-data": ("leafe_fast.data.command", "trees.jsonl -> rehearsal + counterfactual samples"),
     "train": ("leafe_fast.train.command", "Stage 2: experience distillation on packed varlen batches"),
-    "eval": ("leafe_fast.eval_command", "pass@k of a model on an environment's held-out tasks"),
+    "eval": ("leafe_fast.eval.command", "pass@k of a model on an environment's held-out tasks"),
     "demo": ("leafe_fast.demo", "the whole pipeline on the CPU with a tiny model, with a report"),
     "bench": ("leafe_fast.bench.command", "run one of benchmarks/ (loss, pack, rollout, train)"),
     "repro": ("leafe_fast.repro.command", "Sokoban reproduction: LEAFE vs RS-SFT pass@k from a cloned policy"),

@@ -73,6 +73,18 @@ def test_cli_subcommand_loads_and_prints_its_help(name, capsys):
     assert out.startswith(f"usage: leafe-fast {name}") and "--" in out
 
 
+def test_every_stage_has_the_same_command_layout():
+    from leafe_fast.cli import COMMANDS
+
+    exceptions = {"demo": "leafe_fast.demo"}  # the demo module is the command (one file, the whole pipeline)
+    for name, (module, _) in COMMANDS.items():
+        if name in exceptions:
+            assert module == exceptions[name]
+            continue
+        package, _, leaf = module.rpartition(".")
+        assert leaf == "command" and package.count(".") == 1, f"{name}: {module} is not leafe_fast.<stage>.command"
+
+
 def test_cli_subcommand_help_fails_when_its_module_is_missing(monkeypatch):
     import leafe_fast.cli as cli
 
