@@ -268,6 +268,12 @@ class Trainer:
                 f"Trainer: the packer skipped {len(st.skipped)} sample(s) with no target token "
                 f"(ids {st.skipped[:10]}) and truncated {len(st.truncated)} "
                 f"(truncation={cfg.data.truncation!r}); see Trainer.pack_stats", stacklevel=3)
+        mixed = getattr(st, "mixed_trees", None)
+        if mixed and self.dist.is_main and self.plan is None:  # trie layout: exact anyway, but likely a data bug
+            warnings.warn(
+                f"Trainer: {len(mixed)} tree id(s) hold samples whose prompts differ (ids {mixed[:10]}): samples of "
+                "different tasks share a tree_id? They are packed as separate roots; see Trainer.pack_stats",
+                stacklevel=3)
         # the packer already shuffles the micro-batch order with the seed (deterministic: resumable)
         mbs = list(packing.for_rank(self.dist.rank))
         self._check_ranges(mbs)
