@@ -24,7 +24,7 @@ from typing import Any
 
 from leafe_fast.errors import UserError
 from leafe_fast.explore.config import ExploreConfig, read_json_object
-from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict
+from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value
 
 
 @dataclass
@@ -52,22 +52,12 @@ class ExploreRun:
         "help": "extra arguments of the env's task list (--task-arg KEY=VALUE)", "cli": False})
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare string
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run (ExploreRun)")
     add_config_flags(run, ExploreRun)
-    run.add_argument("--task-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    run.add_argument("--task-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="extra argument of the env's task list, e.g. num_boxes=2 or difficulty=hard (repeatable)")
-    run.add_argument("--env-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    run.add_argument("--env-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="extra argument of the env constructor, e.g. max_steps=40 (repeatable)")
     run.add_argument("--config", type=Path, help="JSON file with these settings; flags override it")
     run.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
