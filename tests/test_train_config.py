@@ -403,3 +403,21 @@ def test_normalisers_stay_exact_above_2_pow_24():
     assert step.dtype == torch.float64 and step[0, 0].item() == 2**24 + 1 and step[1, 0].item() == 2**40 + 1
     epoch = step_norms(big, "epoch")
     assert epoch[0, 0].item() == epoch[1, 0].item() == (2**24 + 1 + 2**40 + 1) / 2
+
+
+def test_cli_resume_with_another_budget_is_one_line_exit_2(tmp_path, capsys):
+    from leafe_fast.cli import main
+
+    tok, _ = tiny("qwen2")
+    path = tmp_path / "s.npz"
+    random_samples(10, len(tok), seed=7).save(path)
+    base = ["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--save-every", "1", "--no-progress", "--no-export"]
+    first = {"--token-budget": "64", "--grad-accum": "2", "--seed": "0"}
+    assert main(base + [x for kv in first.items() for x in kv]) == 0
+    capsys.readouterr()
+    for flag, value in (("--token-budget", "96"), ("--seed", "3"), ("--grad-accum", "1")):
+        changed = {**first, flag: value}
+        assert main(base + [x for kv in changed.items() for x in kv] + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "different packing" in err and flag in err, err
