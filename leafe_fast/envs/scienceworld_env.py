@@ -137,6 +137,7 @@ class ScienceWorldEnv(ReplayEnv):
         super().__init__(max_steps, verify_replay)
         self._module = require("scienceworld", self._INSTALL, "scienceworld")
         self._env = self._module.ScienceWorldEnv("", envStepLimit=_STEP_LIMIT_OFF)
+        self._java = getattr(getattr(self._env, "_gateway", None), "java_process", None)  # the JVM
         self._score = 0
         self._state_text = ""
         self._options: list[str] = []
@@ -221,8 +222,15 @@ class ScienceWorldEnv(ReplayEnv):
 
     def _close_backend(self) -> None:
         env, self._env = getattr(self, "_env", None), None
-        if env is not None:
-            env.close()
+        if env is None:
+            return
+        env.close()
+        java = getattr(self, "_java", None)
+        if java is not None:  # wait for the JVM, so the package's own __del__ finds it gone
+            try:
+                java.wait(timeout=10)
+            except Exception:
+                java.kill()
 
     @property
     def score(self) -> int:
