@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from leafe_fast.errors import UserError
-from leafe_fast.explore.config import ExploreConfig, read_json_object
-from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value
+from leafe_fast.explore.config import ExploreConfig
+from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value, read_json_object
 
 
 @dataclass

@@ -14,12 +14,12 @@ is the environment's own (``leafe_fast.envs.registry.action_token_limit``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from leafe_fast.errors import UserError
+from leafe_fast.flags import read_json_object
 
 REFLECTORS = ("llm", "grounded", "oracle")
 ABLATION_REFLECTORS = ("oracle",)  # never reported as LEAFE
@@ -171,21 +171,3 @@ class ExploreConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON config file's object; a missing file, a directory, bad JSON or a non-object is a ``UserError``."""
-    if not path.exists():
-        raise UserError(str(path), "does not exist", "pass the path of a JSON config file")
-    if path.is_dir():
-        raise UserError(str(path), "is a directory, not a JSON file", "pass the path of a JSON config file")
-    try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise UserError(str(path), "is not a text file", "pass a JSON config file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}", f"not valid JSON ({e.msg})", "fix the JSON syntax") from None
-    if not isinstance(data, dict):
-        raise UserError(str(path), f"the config must be a JSON object, got {type(data).__name__}",
-                        'write {"key": value, ...}')
-    return data

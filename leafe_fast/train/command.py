@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from leafe_fast.errors import UserError
-from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict
+from leafe_fast.flags import add_config_flags, config_from_args, config_from_file
 from leafe_fast.train.config import TrainConfig, part_classes
 
 # Loss options the trainer fixes itself (it always sums with its own normalisers, checks ranges once per
@@ -66,15 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's ``TrainConfig``: defaults, then ``--config``, then the flags; ``--out`` is the run directory."""
-    base = None
-    if args.config is not None:
-        if not args.config.is_file():
-            raise UserError(f"--config {args.config}", "is not a file", "pass a JSON file of TrainConfig fields")
-        try:
-            data = json.loads(args.config.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{args.config}:{exc.lineno}", f"not valid JSON ({exc.msg})", "fix the file") from None
-        base = config_from_dict(TrainConfig, data, source=str(args.config))
+    base = config_from_file(TrainConfig, args.config) if args.config is not None else None
     cfg = config_from_args(TrainConfig, args, base, exclude=NOT_FLAGS)
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, output_dir=str(args.out)))
 
