@@ -653,3 +653,13 @@ def test_scienceworld_normalise_ignores_listing_order_only():
     assert normalise("You see:\n\ta cup\nYou also see:\n\ta door") != normalise("You see:\n\ta door\nYou also see:\n\ta cup")
     assert normalise("\ta jar (containing a seed (containing a bug), a nut)") != normalise(
         "\ta jar (containing a seed, a nut (containing a bug))")
+
+
+def test_scienceworld_without_java_says_what_to_install(fake, monkeypatch):
+    from leafe_fast.envs import scienceworld_env
+    from leafe_fast.errors import UserError
+
+    fake("scienceworld")
+    monkeypatch.setattr(scienceworld_env.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="Java 17"):
+        make_env("scienceworld")

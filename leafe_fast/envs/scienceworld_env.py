@@ -25,11 +25,13 @@ garbage-collected.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from leafe_fast.envs.base import Task
 from leafe_fast.envs.replay import ReplayDivergence, ReplayEnv, require, split_rng
+from leafe_fast.errors import UserError
 
 _AMBIGUOUS = "Ambiguous request:"
 _OPTION = re.compile(r"^(\d+):\t(.*)$")
@@ -117,6 +119,14 @@ def normalise(text: str) -> str:
     return "\n".join(out)
 
 
+def _start_simulator(module: Any) -> Any:
+    """A simulator (a JVM) with the package's step limit out of reach; the adapter counts actions."""
+    if shutil.which("java") is None:
+        raise UserError("scienceworld", "no Java runtime on PATH (the simulator is a Java program)",
+                        "install Java 17, e.g. apt-get install openjdk-17-jre-headless")
+    return module.ScienceWorldEnv("", envStepLimit=_STEP_LIMIT_OFF)
+
+
 class ScienceWorldEnv(ReplayEnv):
     """ScienceWorld tasks: ``spec = {"task_name", "variation", "simplification"}`` (default "easy").
 
@@ -136,7 +146,7 @@ class ScienceWorldEnv(ReplayEnv):
     def __init__(self, max_steps: int = 50, verify_replay: bool = True) -> None:
         super().__init__(max_steps, verify_replay)
         self._module = require("scienceworld", self._INSTALL, "scienceworld")
-        self._env = self._module.ScienceWorldEnv("", envStepLimit=_STEP_LIMIT_OFF)
+        self._env = _start_simulator(self._module)
         self._java = getattr(getattr(self._env, "_gateway", None), "java_process", None)  # the JVM
         self._score = 0
         self._state_text = ""
@@ -245,7 +255,7 @@ class ScienceWorldEnv(ReplayEnv):
         Starts a JVM for the listing (a few seconds); pass ``task_names`` to list fewer tasks."""
         rng = split_rng(split, seed)
         module = require("scienceworld", ScienceWorldEnv._INSTALL, "scienceworld")
-        env = module.ScienceWorldEnv("", envStepLimit=_STEP_LIMIT_OFF)
+        env = _start_simulator(module)
         try:
             known = list(env.get_task_names())
             unknown = sorted(set(task_names or ()) - set(known))
