@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -169,9 +170,12 @@ def _convert(text: str, elem: Any) -> Any:
             raise ValueError(f"expected an integer, got {text!r}") from None
     if elem is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
     return elem(text)
 
 
@@ -414,6 +418,8 @@ def _check_json_value(raw: Any, kind: _Kind, f: dataclasses.Field, where: str) -
         if not ok:
             raise UserError(where, f"expected {_type_word(elem)}, got {value!r}", fix)
         value = float(value) if elem is float else Path(value) if elem is Path else value
+        if elem is float and not math.isfinite(value):  # json.loads accepts NaN and Infinity
+            raise UserError(where, f"expected a finite number, got {value!r}", fix)
         choices = f.metadata.get("choices", kind.choices)
         if choices is not None and value not in choices:
             raise UserError(where, f"{value!r} is not one of {list(choices)}", fix)

@@ -81,6 +81,8 @@ def test_flags_override_a_base_and_none_sets_optional():
     (["--norm-mode", "mean"], ["--norm-mode", "invalid choice"]),
     (["--split", "val"], ["--split", "invalid choice"]),
     (["--lr", "-1"], ["--lr", ">= 0.0"]),
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
     (["--env-kwargs", "size"], ["--env-kwargs", "KEY=VALUE"]),
     (["--betas", "0.9"], ["--betas", "2 arguments"]),
     (["--ks", "1,x"], ["--ks", "expected an integer", "'x'"]),
@@ -152,6 +154,7 @@ def test_config_from_dict_checks_types_and_names_the_field():
         ({"lambdas": 1}, "lambdas: expected a list"),
         ({"token_budget": None}, "null is not allowed"),
         ({"env_kwargs": [1]}, "env_kwargs: expected a JSON object"),
+        ({"optim": {"lr": float("nan")}}, "optim: lr: expected a finite number"),
     ]
     for data, words in cases:
         with pytest.raises(UserError) as exc:
