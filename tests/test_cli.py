@@ -72,6 +72,22 @@ def test_eval_cli_on_a_saved_tiny_model(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file
 
 
+def test_eval_cli_defaults_are_the_api_defaults():
+    """`leafe-fast eval` and `leafe_fast.eval.evaluate` run the same evaluation when nothing is given."""
+    import inspect
+
+    from leafe_fast.eval import evaluate
+    from leafe_fast.eval.command import EvalConfig
+
+    api = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()}
+    cfg = EvalConfig()
+    assert (cfg.n, tuple(cfg.k), cfg.max_turns, cfg.seed) == (api["n"], tuple(api["ks"]), api["max_turns"], api["seed"])
+    assert api["sampling"] is None and cfg.max_new_tokens is None  # both: the env's action token limit
+    from leafe_fast.engines.base import SamplingParams
+
+    assert (cfg.temperature, cfg.top_p) == (SamplingParams().temperature, SamplingParams().top_p)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--model", "{missing}"], "--model: {missing} is not a local model directory"),
     (["--model", "{empty}"], "has no config.json"),
