@@ -15,7 +15,9 @@ Every backend call of an adapter runs inside :meth:`PrivateRng.active`, which sw
 saved global-RNG state and swaps the host's back afterwards, under one process-wide lock. So the
 host program's RNG is never reseeded or advanced by an adapter, and two envs in flight do not draw
 from each other's stream (``concurrency > 1``). Limit: code of the host running on another thread
-without that lock, while a backend call is in progress, would see the env's state.
+without that lock, while a backend call is in progress, would see the env's state. An adapter whose
+backend was checked to draw nothing from Python's RNG (ScienceWorld: a JVM) sets ``isolate_rng =
+False``, so its calls run in parallel on ``env_workers`` threads; its package import is still isolated.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import importlib
 import random
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -124,6 +126,7 @@ class ReplayEnv:
 
     name = "replay"
     description = ""
+    isolate_rng = True  # False only for a backend that draws nothing from Python's global RNG
 
     def __init__(self, max_steps: int = 50, verify_replay: bool = True) -> None:
         if max_steps < 1:
@@ -144,6 +147,11 @@ class ReplayEnv:
     @property
     def restore_mode(self) -> str:
         return "replay-checked" if self.verify_replay else "inexact"
+
+    def _backend(self) -> Any:
+        """The context of every backend call: this env's own global-RNG state (see PrivateRng),
+        or nothing for a backend that never touches it (its calls then need not be serialised)."""
+        return self.rng.active() if self.isolate_rng else nullcontext()
 
     # -- backend hooks -------------------------------------------------------------------
 
@@ -182,7 +190,7 @@ class ReplayEnv:
             raise ValueError(f"task {task.task_id!r} is for env {task.env!r}, not {self.name!r}")
         self._check_open()
         self._task = None  # not usable if _open fails half-way
-        with self.rng.active():
+        with self._backend():
             obs = self._open(task)
         self._task, self._actions, self._last = task, [], obs
         self._hashes = [digest(self._fingerprint(obs))]
@@ -195,7 +203,7 @@ class ReplayEnv:
         if self._done:
             raise RuntimeError("the episode is over; call reset() or restore() before step()")
         record = self._record(action)
-        with self.rng.active():
+        with self._backend():
             obs, reward, done, success, feedback, info = self._act(self._replay_action(record))
         self._actions.append(record)
         self._hashes.append(digest(self._fingerprint(obs)))
@@ -218,11 +226,11 @@ class ReplayEnv:
         self._check_open()
         self._task = None  # until the replay succeeded
         self.replay_stats["restores"] += 1
-        with self.rng.active():
+        with self._backend():
             obs = self._open(snapshot.task)
         self._check_step(snapshot, 0, obs)
         for i, recorded in enumerate(snapshot.actions, start=1):
-            with self.rng.active():
+            with self._backend():
                 try:
                     action = self._replay_action(recorded)
                 except ReplayDivergence as exc:

@@ -135,6 +135,7 @@ class ScienceWorldEnv(ReplayEnv):
     info)`` with ``info["score"]`` in -100..100, ``info["taskDesc"]``, ``info["look"]``, ``info["inv"]``."""
 
     name = "scienceworld"
+    isolate_rng = False  # the simulator runs in the JVM and draws nothing from Python's RNG (checked)
     description = (
         "You are in a science text game (ScienceWorld). Complete the task stated in the first "
         "observation. Answer each turn with one action, e.g. 'look around', 'open door to kitchen', "
