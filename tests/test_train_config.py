@@ -169,10 +169,10 @@ def test_resume_refuses_other_samples(tmp_path):
     with pytest.raises(UserError, match="pack differently"):
         _trainer(tmp_path, samples=random_samples(14, len(tok), seed=4), resume=True)
     # a refused resume restores nothing: the weights and optimizer of the trainer stay as they were
-    other = _trainer(tmp_path, samples=random_samples(14, len(tok), seed=4), model_seed=9)
+    other = _trainer(tmp_path / "other", samples=random_samples(14, len(tok), seed=4), model_seed=9)
     before = {k: v.clone() for k, v in other.wrapper.state_dict().items()}
     with pytest.raises(UserError, match="pack differently"):
-        other.resume(True)
+        other.resume(tmp_path / "checkpoints" / "step_00000003")
     assert all(torch.equal(before[k], v) for k, v in other.wrapper.state_dict().items())
     assert other.step == 0 and not other.optimizer.state
     # the same samples resume fine
@@ -193,6 +193,17 @@ def test_metrics_do_not_repeat_steps_after_a_resume(tmp_path):
     second.train()
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_run_into_a_run_directory_with_checkpoints_is_refused_and_metrics_restart(tmp_path):
+    _trainer(tmp_path, max_steps=2, save_every=1).train()
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run .*--resume"):
+        _trainer(tmp_path, max_steps=2, save_every=1)
+    # without checkpoints to mix up, a fresh run starts metrics.jsonl over (one record per step)
+    _trainer(tmp_path / "plain", max_steps=2, save_every=None).train()
+    _trainer(tmp_path / "plain", max_steps=3, save_every=None).train()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_damaged_or_missing_state_pt_is_a_one_line_user_error(tmp_path, capsys):

@@ -227,9 +227,17 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._saved_step = -1
         self.peak_flops = self._resolve_peak_flops(cfg.peak_flops)
-        if cfg.checkpoint.resume and not self.resume(cfg.checkpoint.resume) and self.dist.is_main:
-            warnings.warn(f"Trainer: resume requested but {self.out / 'checkpoints'} holds no checkpoint; "
-                          "starting from step 0", stacklevel=2)
+        if cfg.checkpoint.resume:
+            if not self.resume(cfg.checkpoint.resume) and self.dist.is_main:
+                warnings.warn(f"Trainer: resume requested but {self.out / 'checkpoints'} holds no checkpoint; "
+                              "starting from step 0", stacklevel=2)
+        elif self.out and cfg.checkpoint.save_every:
+            # A fresh run would mix its checkpoints with the old run's (keep_last prunes by step number, and
+            # a later --resume could pick the old run's newest): refuse instead of overwriting silently.
+            old = latest_checkpoint(self.out / "checkpoints")
+            if old is not None:
+                raise UserError(f"--out {self.out}", f"holds checkpoints of an earlier run (newest {old.name})",
+                                "pass --resume to continue it, or another --out (or delete its checkpoints/)")
 
     # ------------------------------------------------------------------------------------------ data
     def _strategy(self) -> str:
@@ -395,6 +403,8 @@ class Trainer:
         cfg = self.config
         main = self.dist.is_main
         ck = cfg.checkpoint
+        if self.out and main:  # one record per step: drop records past this run's position (a fresh run: all)
+            MetricsLog.truncate_after(self.out / "metrics.jsonl", self.step)
         log = MetricsLog(self.out / "metrics.jsonl" if (self.out and main) else None)
         meter = Throughput(flops_per_token(self.num_params), self.peak_flops, self.dist.world_size)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.progress and _is_tty()),
@@ -478,8 +488,8 @@ class Trainer:
 
         Refuses (``UserError``) a checkpoint from another number of ranks, another precision, other data
         settings (``DataConfig``: budget, accumulation, strategy, truncation, layout, seed) or other
-        samples: any of these would silently read a different packing. Drops the records of
-        ``metrics.jsonl`` after the checkpoint's step, so the resumed run does not repeat steps.
+        samples: any of these would silently read a different packing. ``train`` then drops the records
+        of ``metrics.jsonl`` after the checkpoint's step, so the resumed run does not repeat steps.
         """
         if where is True:
             if not self.out:
@@ -494,8 +504,6 @@ class Trainer:
                              validate=lambda state: self._check_resumable(state, f"--resume {path}"))
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.tokens_seen = st.get("tokens_seen", 0)
-        if self.out and self.dist.is_main:
-            MetricsLog.truncate_after(self.out / "metrics.jsonl", self.step)
         return True
 
     def _check_resumable(self, st: dict[str, Any], where: str) -> None:
