@@ -465,6 +465,10 @@ def run_trie(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"benchmark": "train_trie", "env": env_info(), "load_avg_at_start": os.getloadavg(),
                               "config": config, "precision": precision, "budget": budget, "trees": trees,
                               "samples": len(samples), "shape": shape.as_dict()}
+    if cuda:  # FA3 for the flat flash path on Hopper when it measures faster than FA2 (process-wide)
+        from leafe_fast.train.attention import prefer_fa3
+
+        result["flash_impl"] = prefer_fa3(device)
     for layout in ("flat", "trie"):
         model = load_model(cfg, dtype=master_dtype(precision), precision=precision, device=device, liger="auto",
                            seed=args.seed)

@@ -214,7 +214,7 @@ namespace {
 
 struct TrieScratch {
   std::vector<int32_t> path;     // node (micro-batch local index) at each depth of the current path
-  std::vector<int64_t> node_at;  // per member of the chunk: its nodes, member after member
+  std::vector<int32_t> node_at;  // per member of the chunk: its nodes, member after member
   std::vector<int64_t> node_off;
   std::vector<int64_t> by_id;    // member positions in id order
 };
@@ -269,10 +269,18 @@ void trie_range(const TrieInputs& in, const int64_t* tok_off, const int64_t* tgt
         const int64_t len = in.win_len[s];
         const uint8_t* msk = in.mask + in.win_abs[s];
         const int32_t* src = in.tokens + in.win_abs[s];
-        const int64_t* nodes = sc.node_at.data() + sc.node_off[x];
+        const int32_t* nodes = sc.node_at.data() + sc.node_off[x];
         const float w = in.weight[s];
         const int8_t g = in.group[s];
         for (int64_t i = 1; i < len; ++i) {
+          if (i + 8 <= len) {  // context spans are long: skip 8 mask bytes at a time
+            uint64_t word;
+            std::memcpy(&word, msk + i, sizeof(word));
+            if (word == 0) {
+              i += 7;
+              continue;
+            }
+          }
           if (!msk[i]) continue;
           out.rows[m] = nodes[i - 1];
           out.targets[m] = src[i];

@@ -21,6 +21,26 @@ Contract (one micro-batch, ``T`` tokens, ``n`` samples, ``M`` targets)::
 ``i - 1`` of the SAME sample: ``rows = start + i - 1``, ``targets = input_ids[start + i]``. The shift never
 crosses a sample boundary. Targets keep their order inside a sample; samples keep the micro-batch order.
 
+Layouts (``layout=``):
+- ``"flat"`` (the default of ``pack``): the contract above.
+- ``"trie"``: the samples of one tree (same ``tree_id >= 0``; a negative id is a tree of its own) are merged
+  into a token trie, each shared prefix once, emitted in depth-first pre-order (children by token value).
+  Then ``position_ids`` = depth, ``subtree_end`` int32 [T] (token j attends to token i iff
+  ``i <= j < subtree_end[i]``), ``cu_seqlens`` bounds the trees (chunks), ``sample_ids`` lists their
+  samples, and every target of every sample is a loss row on the trie node of its predictor: a token
+  supervised by two samples gives two rows, each with its sample's group and weight. Rows: samples by id
+  within a chunk, positions ascending. Because attention is causal and a token sees exactly its ancestors,
+  losses and gradients equal the flat layout's (tests/test_trie_training.py). The budget counts trie
+  tokens; a tree whose trie exceeds it is cut into chunks of consecutive samples in lexicographic order (a
+  cut at a branch point: the next chunk repeats the shared prefix) and listed in ``stats.split_trees``; a
+  single sample longer than the budget follows ``truncation`` as in the flat layout. Samples of one tree
+  that share no first token become separate roots; a tree whose samples share less than half of the
+  context before their earliest target (different prompts: likely different tasks under one id) is listed
+  in ``stats.mixed_trees`` and still packed exactly. ``keep_trees_together`` is implied.
+  Stats: ``flat_tokens``, ``trie_tokens`` (= ``real_tokens``) and ``compression``.
+- ``"auto"``: trie when some sample carries a tree id, else flat.
+The flat layout is the special case ``subtree_end[i]`` = end of i's sample (``MicroBatch.attention_ends``).
+
 Strategies:
 - ``"bfd"`` best-fit decreasing by tokens: the fewest micro-batches; with ``ranks > 1`` micro-batches are
   dealt round-robin (counts per rank may differ by one; use "balanced" for equal counts).
@@ -62,6 +82,8 @@ from typing import Any, Literal
 import numpy as np
 
 from leafe_fast.data.columns import Sample, SampleColumns
+from leafe_fast.errors import UserError
+from leafe_fast.labels import target_mask_from_labels
 from leafe_fast.packing_types import Layout, MicroBatch, PackEngine, Packing, PackStats
 
 Strategy = Literal["bfd", "balanced"]
@@ -95,7 +117,11 @@ def target_norms(micro_batches: Sequence[MicroBatch], num_groups: int = 2, by_we
     """Per-group target count (or weight sum) over micro-batches: the ``norm_g`` of the loss for one step."""
     out = np.zeros(num_groups, dtype=np.float64)
     for mb in micro_batches:
-        out += np.bincount(mb.group, weights=mb.weights if by_weight else None, minlength=num_groups)[:num_groups]
+        if len(mb.group) and (int(mb.group.max()) >= num_groups or int(mb.group.min()) < 0):
+            raise UserError("target_norms", f"a micro-batch has group ids in [{int(mb.group.min())}, "
+                            f"{int(mb.group.max())}], outside [0, {num_groups})",
+                            "pass num_groups = the number of loss groups (len(lambdas))")
+        out += np.bincount(mb.group, weights=mb.weights if by_weight else None, minlength=num_groups)
     return out
 
 
@@ -124,18 +150,7 @@ def columns_from_labels(
     samples = []
     for j, (ids, lab) in enumerate(zip(input_ids, labels)):
         ids = np.asarray(ids, dtype=np.int64)
-        lab = np.asarray(lab, dtype=np.int64)
-        if ids.shape != lab.shape or ids.ndim != 1:
-            raise ValueError(f"columns_from_labels: sample {j}: input_ids {ids.shape} and labels {lab.shape} differ")
-        mask = lab != -100
-        bad = np.flatnonzero(mask & (lab != ids))
-        if len(bad):
-            raise ValueError(
-                f"columns_from_labels: sample {j}: labels at positions {bad[:5].tolist()} are neither -100 nor the "
-                "input token (labels must be aligned with input_ids, unshifted)"
-            )
-        if len(mask):
-            mask[0] = False
+        mask = target_mask_from_labels(ids, lab, f"columns_from_labels: sample {j}")
         samples.append(Sample(ids.astype(np.int32), mask, int(groups[j]), float(weights[j]), int(trees[j])))
     return SampleColumns.from_samples(samples)
 
@@ -219,10 +234,10 @@ def _windows(lengths: np.ndarray, budget: int, truncation: str) -> tuple[np.ndar
     if len(over) and truncation == "error":
         shown = ", ".join(f"{int(j)} ({int(lengths[j])} tokens)" for j in over[:10])
         more = f" and {len(over) - 10} more" if len(over) > 10 else ""
-        raise ValueError(
-            f"pack: {len(over)} sample(s) exceed the budget of {budget} tokens: {shown}{more}. "
-            "Raise the budget or pass truncation='left' (keep the end) or 'right' (keep the start)."
-        )
+        raise UserError(
+            "pack", f"{len(over)} sample(s) exceed the budget of {budget} tokens: {shown}{more}",
+            "raise the budget (--token-budget) or pass truncation='left' (--truncation left: keep the end) "
+            "or 'right' (keep the start)")
     win_len = np.minimum(lengths, budget)
     win_start = lengths - win_len if truncation == "left" else np.zeros_like(lengths)
     return win_start, win_len, over
@@ -412,7 +427,8 @@ def pack(
     """Pack samples into micro-batches of at most ``budget`` tokens (see the module docstring for the rules).
 
     ``samples``: ``SampleColumns``, a list of ``Sample``, or ``{"input_ids": [...], "labels": [...]}`` in the
-    Hugging Face labels form (see ``columns_from_labels``). ``backend="python"`` runs ``pack_reference``.
+    Hugging Face labels form (see ``columns_from_labels``). ``layout``: "flat", "trie" (prefix-shared trees) or
+    "auto" (trie when samples carry tree ids). ``backend="python"`` runs ``pack_reference``.
     ``threads`` (C++ only) splits the output assembly; default: the machine's cores, at most 8.
     Raises ``ValueError`` for bad input or options, naming the offending samples.
     """

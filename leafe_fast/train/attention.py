@@ -554,3 +554,59 @@ def tree_attention(
                                                          attn_mask=mask, scale=scale)[0])
         return torch.cat(pieces, dim=1).transpose(0, 1)
     raise ValueError(f"tree attention backend {backend!r} is unknown; choose 'auto' or one of {TREE_BACKENDS}")
+
+
+# ------------------------------------------------------------------------------------------------ FA3
+def flash_impls() -> list[str]:
+    """Flash-attention implementations this torch can dispatch to besides its built-in FA2 (e.g. "FA3")."""
+    try:
+        from torch.nn.attention import list_flash_attention_impls
+    except ImportError:
+        return []
+    return list(list_flash_attention_impls())
+
+
+def prefer_fa3(device: torch.device | str = "cuda", tokens: int = 16384, heads: int = 14, kv_heads: int = 2,
+               head_dim: int = 64) -> str:
+    """On Hopper (sm_90) activate torch's FA3 for the flash paths if it measures faster than FA2 here.
+
+    Times the flat varlen attention (forward + backward, bf16, documents of 2k tokens) under the built-in
+    FA2 and under FA3 and keeps the faster; returns "FA3" or "FA2". Process-wide by nature (torch's
+    dispatcher), which is why it is opt-in (benchmarks and the trainer's caller decide), never done on
+    import or by ``load_model``. Not measured in this repository yet: no Hopper GPU was available.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0) or "FA3" not in flash_impls():
+        return "FA2"
+    from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tokens, heads, head_dim, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
+    k = torch.randn(tokens, kv_heads, head_dim, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
+    v = torch.randn(tokens, kv_heads, head_dim, device=device, dtype=torch.bfloat16, generator=g, requires_grad=True)
+    cu = torch.arange(0, tokens + 1, 2048, device=device, dtype=torch.int32)
+
+    def run() -> None:
+        varlen_attention_packed(q, k, v, cu, 2048, backend="auto").sum().backward()
+
+    def timed() -> float:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    fa2 = timed()
+    activate_flash_attention_impl("FA3")
+    try:
+        fa3 = timed()
+    except Exception:  # FA3 registered but unusable with this build: keep FA2
+        restore_flash_attention_impl()
+        return "FA2"
+    if fa3 < fa2:
+        return "FA3"
+    restore_flash_attention_impl()
+    return "FA2"
