@@ -53,13 +53,29 @@ SCHEDULES = ("gemm", "atomic")
 # --------------------------------------------------------------------------------------------------
 # configs
 
-# (BLOCK_M, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen so that every variant compiles for sm_90
-# and sm_80 in bf16/fp16 within shared memory and without register spills (tests/test_kernel_compile.py).
-FWD_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-DZ_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-BWD_SHAPES = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3)]
+# (BLOCK_M, BLOCK_V, BLOCK_D, num_warps, num_stages). Three families, told apart by BLOCK_D: 64 for the
+# tensor-descriptor (TMA) path of sm_90+, 32 for the pointer path (pre-Hopper GPUs, misaligned operands),
+# where per-element addresses cost registers, 16 for fp32 operands (twice the bytes per element). Chosen so that every variant the launchers can start compiles
+# for sm_90 (and sm_80) in bf16/fp16 within shared memory and without register spills
+# (kernels/aot_check.py, tests/test_kernel_compile.py).
+TMA_BLOCK_D, POINTER_BLOCK_D, FP32_BLOCK_D = 64, 32, 16
+FWD_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),  # TMA
+              (128, 128, 32, 8, 3),  # pointers
+              (64, 128, 16, 4, 3)]  # fp32 operands (tf32x3): small tiles of their own
+DZ_SHAPES = [(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+             (64, 256, 32, 8, 3),
+             (64, 128, 16, 4, 3), (128, 64, 16, 4, 3)]
+BWD_SHAPES = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
+              (64, 128, 32, 8, 2), (64, 64, 32, 4, 2),
+              (64, 64, 16, 4, 2)]
 ROW_SHAPES = [(1024, 4, 1), (2048, 8, 1), (4096, 8, 1)]  # (BLOCK_V, num_warps, num_stages)
 INTERPRET_SHAPE = (16, 32, 16, 4, 1)  # the interpreter is slow and tl.dot wants tiles >= 16
+
+
+def config_fits(cfg: triton.Config, tma: bool, fp32: bool = False) -> bool:
+    """Whether a tile config belongs to the family a launch takes: fp32 operands, else TMA or pointers."""
+    want = FP32_BLOCK_D if fp32 else TMA_BLOCK_D if tma else POINTER_BLOCK_D
+    return INTERPRET or cfg.kwargs["BLOCK_D"] == want
 
 
 def _tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -90,15 +106,18 @@ def _smem_limit(device: torch.device) -> int:
     return SMEM_LIMIT_BYTES
 
 
-def _prune_by_smem(atomic: bool) -> Callable[..., list[triton.Config]]:
-    """``early_config_prune``: drop configs whose tiles exceed the device's shared memory (keep the smallest
-    if none fits), so a GPU with less shared memory than an H100 never starts a config that cannot launch."""
+def _prune(atomic: bool) -> Callable[..., list[triton.Config]]:
+    """``early_config_prune``: keep the configs of the path this launch takes (TMA or pointers), and drop
+    those whose tiles exceed the device's shared memory (keep the smallest if none fits), so a GPU with
+    less shared memory than an H100 never starts a config that cannot launch."""
 
-    def prune(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
         w = named_args["W_ptr"]
+        fp32 = w.dtype == torch.float32
+        path = [c for c in configs if config_fits(c, bool(kwargs.get("TMA", False)), fp32)] or configs
         limit = _smem_limit(w.device)
-        fits = [c for c in configs if tile_smem_bytes(c, w.element_size(), atomic) <= limit]
-        return fits or [min(configs, key=lambda c: tile_smem_bytes(c, w.element_size(), atomic))]
+        fits = [c for c in path if tile_smem_bytes(c, w.element_size(), atomic) <= limit]
+        return fits or [min(path, key=lambda c: tile_smem_bytes(c, w.element_size(), atomic))]
 
     return prune
 
@@ -123,23 +142,45 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
+def _sources(H_ptr, W_ptr, M, V, D, stride_h, stride_w, TMA: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where the operand tiles come from. TMA: device-side tensor descriptors (Hopper's TMA unit does the
+    addressing and zero-fills out-of-range rows: no per-element 64-bit addresses in registers, which is
+    what made the pointer version spill on sm_90). Otherwise the plain pointers (strides not 16-byte
+    aligned, or the interpreter on odd test shapes)."""
+    if TMA:
+        h_src = tl.make_tensor_descriptor(H_ptr, shape=[M, D], strides=[stride_h, 1], block_shape=[BLOCK_M, BLOCK_D])
+        w_src = tl.make_tensor_descriptor(W_ptr, shape=[V, D], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_D])
+    else:
+        h_src = H_ptr
+        w_src = W_ptr
+    return h_src, w_src
+
+
+@triton.jit
+def _tile(src, r0, d0, R, D, stride, TMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_R, BLOCK_D] tile at (r0, d0) of an [R, D] operand, zero outside."""
+    if TMA:
+        return src.load([r0, d0])
+    else:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = (offs_r < R)[:, None] & (offs_d < D)[None, :]
+        return tl.load(src + offs_r[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _logits_tile(h_src, w_src, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                 TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """[BLOCK_M, BLOCK_V] fp32 logits of gathered rows m0.. against vocabulary rows v0.. (0 off-range).
-    Offsets stay 32-bit (the launchers check M*D and V*D < 2**31): fewer address registers."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    Pointer offsets stay 32-bit (the launchers check M*D and V*D < 2**31)."""
     offs_v = v0 + tl.arange(0, BLOCK_V)
-    m_mask = offs_m < M
     v_mask = offs_v < V
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        h = tl.load(H_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
-                    other=0.0)
+        h = _tile(h_src, m0, d0, M, D, stride_h, TMA, BLOCK_M, BLOCK_D)
+        w = _tile(w_src, v0, d0, V, D, stride_w, TMA, BLOCK_V, BLOCK_D)
         acc = _dot(h, tl.trans(w), acc, DOT_PREC, UPCAST)
     if HAS_BIAS:
         acc += tl.load(B_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
@@ -167,12 +208,12 @@ def _unscaled_dlogits(z, lse, tgt, offs_v, valid, softcap, z_loss, SOFTCAP: tl.c
 
 
 @triton.autotune(configs=_tile_configs(FWD_SHAPES), key=["D", "V"], reset_to_zero=["s_part_ptr", "tgt_part_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem(False)})
+                 prune_configs_by={"early_config_prune": _prune(False)})
 @triton.jit
 def _lse_fwd_kernel(
     H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
     m_part_ptr, s_part_ptr, tgt_part_ptr,  # fp32 [max_splits, M]: running max, sum of exp, target logit
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (row blocks, V splits). The split count follows the config the autotuner picked (the grid
@@ -186,14 +227,15 @@ def _lse_fwd_kernel(
     v_per_split = tl.cdiv(tl.cdiv(V, tl.num_programs(1)), BLOCK_V) * BLOCK_V
     v_start = pid_s * v_per_split
     v_end = tl.minimum(V, v_start + v_per_split)
+    h_src, w_src = _sources(H_ptr, W_ptr, M, V, D, stride_h, stride_w, TMA, BLOCK_M, BLOCK_V, BLOCK_D)
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        z = _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
-                         HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
+        z = _logits_tile(h_src, w_src, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
+                         HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, TMA, BLOCK_M, BLOCK_V, BLOCK_D)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -206,10 +248,10 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
-def _dlogits_program(H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
+def _dlogits_program(h_src, w_src, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
                      lse_ptr, g_ptr, DB_ptr, v_lo, v_hi, z_loss,
                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                     COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                     TMA: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """The part both recompute schedules share: this program's unscaled fp32 dlogits tile for row block
     ``program_id(0)`` and V tile ``program_id(1)`` of the chunk ``[v_lo, v_hi)``, and each row's upstream
     gradient g. Adds the g-scaled column sums into d_bias (fp32) when asked. Inlined into each kernel."""
@@ -224,8 +266,8 @@ def _dlogits_program(H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, 
     tgt = tl.load(tgt_ptr + offs_m, mask=m_mask, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
     g = tl.load(g_ptr + offs_m, mask=m_mask, other=0.0)
-    z = _logits_tile(H_ptr, W_ptr, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
-                     HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
+    z = _logits_tile(h_src, w_src, B_ptr, m0, v0, M, V, D, stride_h, stride_w, softcap,
+                     HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, TMA, BLOCK_M, BLOCK_V, BLOCK_D)
     dz = _unscaled_dlogits(z, lse, tgt, offs_v, m_mask[:, None] & v_mask[None, :], softcap, z_loss, SOFTCAP)
     if COMPUTE_DB:
         tl.atomic_add(DB_ptr + offs_v, tl.sum(dz * g[:, None], axis=0), mask=v_mask)
@@ -233,22 +275,23 @@ def _dlogits_program(H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, 
 
 
 @triton.autotune(configs=_tile_configs(BWD_SHAPES), key=["D", "V"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem(True)})
+                 prune_configs_by={"early_config_prune": _prune(True)})
 @triton.jit
 def _ce_bwd_kernel(
     H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
     lse_ptr, g_ptr, gmax_ptr,  # fp32 [M], [M], [1]: saved log-sum-exp, upstream gradient per row, max |g|
     DH_ptr, DW_ptr, DB_ptr,  # fp32 [M, D] row gradients, fp32 [v_hi - v_lo, D] (chunk), fp32 [V]
     v_lo, v_hi, z_loss,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """"atomic" backward: both matmuls in the kernel. d_rows gets (dz @ W) * g in fp32; d_weight gets
     ((dz * g / max|g|)^T @ h) * max|g|, so the low-precision operand never holds a tiny scaled value."""
+    h_src, w_src = _sources(H_ptr, W_ptr, M, V, D, stride_h, stride_w, TMA, BLOCK_M, BLOCK_V, BLOCK_D)
     dz, g, m0, v0, offs_m, m_mask, offs_v, v_mask = _dlogits_program(
-        H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
-        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
+        h_src, w_src, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, TMA, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
     gmax = tl.load(gmax_ptr)
     dz_lp = dz.to(H_ptr.dtype.element_ty)
     dzw_lp = (dz * (g / gmax)[:, None]).to(H_ptr.dtype.element_ty)
@@ -256,35 +299,34 @@ def _ce_bwd_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         if COMPUTE_DH:
-            w = tl.load(W_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :],
-                        other=0.0)
+            w = _tile(w_src, v0, d0, V, D, stride_w, TMA, BLOCK_V, BLOCK_D)
             dh = _dot(dz_lp, w, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST) * g[:, None]
             tl.atomic_add(DH_ptr + offs_m[:, None] * D + offs_d[None, :], dh, mask=m_mask[:, None] & d_mask[None, :])
         if COMPUTE_DW:
-            h = tl.load(H_ptr + offs_m[:, None] * stride_h + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                        other=0.0)
+            h = _tile(h_src, m0, d0, M, D, stride_h, TMA, BLOCK_M, BLOCK_D)
             dw = _dot(tl.trans(dzw_lp), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), DOT_PREC, UPCAST) * gmax
             tl.atomic_add(DW_ptr + (offs_v - v_lo)[:, None] * D + offs_d[None, :], dw,
                           mask=v_mask[:, None] & d_mask[None, :])
 
 
 @triton.autotune(configs=_tile_configs(DZ_SHAPES), key=["D", "V"], reset_to_zero=["DB_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_by_smem(False)})
+                 prune_configs_by={"early_config_prune": _prune(False)})
 @triton.jit
 def _dz_kernel(
     H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap,
     lse_ptr, g_ptr,  # fp32 [M]
     DZ_ptr, DB_ptr,  # unscaled dlogits chunk [M, v_hi - v_lo] in the input dtype (row stride ldz), fp32 [V]
     ldz, v_lo, v_hi, z_loss,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """"gemm" backward, step 1: recompute logits, write unscaled dlogits for one V chunk (the two big
     matmuls that follow run in cuBLAS)."""
+    h_src, w_src = _sources(H_ptr, W_ptr, M, V, D, stride_h, stride_w, TMA, BLOCK_M, BLOCK_V, BLOCK_D)
     dz, _g, _m0, _v0, offs_m, m_mask, offs_v, v_mask = _dlogits_program(
-        H_ptr, W_ptr, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
-        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
+        h_src, w_src, B_ptr, tgt_ptr, M, V, D, stride_h, stride_w, softcap, lse_ptr, g_ptr, DB_ptr,
+        v_lo, v_hi, z_loss, HAS_BIAS, SOFTCAP, DOT_PREC, UPCAST, TMA, COMPUTE_DB, BLOCK_M, BLOCK_V, BLOCK_D)
     tl.store(DZ_ptr + offs_m[:, None].to(tl.int64) * ldz + (offs_v - v_lo)[None, :],
              dz.to(DZ_ptr.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
 
@@ -393,6 +435,35 @@ def compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _CAST_CACHE["value"]
 
 
+def _tma_ok(*operands: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (and, on a GPU, sm_90 or newer; the
+    interpreter emulates them, so CI covers both paths)."""
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in operands)
+    if not aligned:
+        return False
+    if INTERPRET:
+        return True
+    if torch.cuda.get_device_capability(operands[0].device)[0] < 9:
+        return False
+    _ensure_allocator()
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator; install a torch one unless the process
+    already set its own (``triton.set_allocator`` is process-wide, so never replace someone else's)."""
+    try:
+        from triton.runtime import _allocation
+
+        var = _allocation._allocator
+        current = var.get() if hasattr(var, "get") else var
+        unset = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # layout of another triton version: install ours
+        unset = True
+    if unset:
+        triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 class _Launch:
     """Per-call operands in kernel form: rows gathered once, the weight in the matmul dtype."""
 
@@ -406,6 +477,7 @@ class _Launch:
         self.targets = head.targets.contiguous()
         self.m, self.v, self.d = head.m, head.v, head.d
         self.device = head.hidden.device
+        self.tma = _tma_ok(self.h_rows, self.weight)
         if max(self.m, self.v) * self.d >= 2**31:
             raise ValueError(f"leafe_ce_triton: M*H and V*H must stay below 2**31 (32-bit offsets); got M={self.m}, "
                              f"V={self.v}, H={self.d}: split the rows into several calls")
@@ -419,7 +491,8 @@ class _Launch:
     def flags(self) -> dict[str, bool | str]:
         """Compile-time flags of every tile kernel."""
         return {"HAS_BIAS": self.bias is not None, "SOFTCAP": bool(self.head.softcap),
-                "DOT_PREC": _dot_precision(self.dtype), "UPCAST": INTERPRET and self.dtype == torch.bfloat16}
+                "DOT_PREC": _dot_precision(self.dtype), "UPCAST": INTERPRET and self.dtype == torch.bfloat16,
+                "TMA": self.tma}
 
     def grad_scale(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g fp32 [M], max|g| [1])`` on the device (no host sync); max|g| is never 0."""
