@@ -2,9 +2,13 @@
 
 Import-safe without a GPU: kernels run on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
 
-- ``leafe_ce_triton``   fused LM head + cross-entropy over selected rows: online log-sum-exp forward,
-                        recompute backward ("gemm": dlogits chunks + cuBLAS, or "atomic": one kernel);
-                        ``smoke_test()`` runs the forward kernel once on a tiny shape.
-- ``leafe_ce_torch``    its chunked torch twin (CPU path; gradient-in-forward for scalar losses).
-- ``leafe_ce_autograd`` the autograd Functions that ``leafe_fast.loss`` builds on.
+- ``leafe_ce_operands`` the operand record (``LossHead``) and ``GradNeeds`` every op set takes.
+- ``leafe_ce_triton``   fused LM head + cross-entropy over selected rows: the "chunked" gradient-in-forward
+                        schedule (cuBLAS + a Triton row kernel) and the recompute schedules ("gemm",
+                        "atomic"); ``smoke_test()`` runs the forward kernel once on a tiny shape.
+- ``leafe_ce_torch``    the chunked schedule in torch (CPU path; fp32 math).
+- ``leafe_ce_autograd`` the autograd Functions and the named implementations (``IMPLS``) that
+                        ``leafe_fast.loss`` builds on.
+- ``aot_check``         compiles every kernel variant for sm_90 / sm_80 on the CPU; reports shared memory,
+                        registers and spills.
 """

@@ -532,9 +532,12 @@ def forward(head: LossHead, splits: int | None = None) -> tuple[torch.Tensor, to
         return triton.cdiv(m, meta["BLOCK_M"]), splits or _fwd_splits(m, v, meta["BLOCK_M"], dev)
 
     _lse_fwd_kernel[grid](*run.args(), m_part, s_part, tgt_part, **run.flags())
-    # s = 0 (an empty split, or a row of the buffer the chosen config did not use) contributes nothing
-    lse = torch.logsumexp(m_part + torch.log(s_part), dim=0)
-    return lse, tgt_part.sum(0)
+    # Merge only the splits the chosen config used (the autotuner's benchmark runs of other configs may
+    # have written further rows); within them, s = 0 (an empty split) contributes nothing.
+    best = getattr(_lse_fwd_kernel, "best_config", None)
+    used = splits or (_fwd_splits(m, v, best.kwargs["BLOCK_M"], dev) if best is not None else max_splits)
+    lse = torch.logsumexp(m_part[:used] + torch.log(s_part[:used]), dim=0)
+    return lse, tgt_part[:used].sum(0)
 
 
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
