@@ -277,7 +277,7 @@ def test_labels_form_matches_target_mask_form():
     got = sorted(zip(np.concatenate([mb.targets for mb in p.micro_batches]).tolist(),
                      np.concatenate([mb.group for mb in p.micro_batches]).tolist()))
     assert got == [(7, 0), (8, 0), (11, 1)]
-    with pytest.raises(ValueError, match="neither -100 nor the input token"):
+    with pytest.raises(ValueError, match="differs from input_ids"):
         columns_from_labels([[1, 2, 3]], [[-100, 3, 3]])
     with pytest.raises(ValueError, match="2 input_ids but 1 labels"):
         columns_from_labels(ids, labels[:1])
@@ -293,6 +293,17 @@ def test_steps_and_target_norms_cover_each_micro_batch_once():
     norms = target_norms(flat)
     assert norms.sum() == p.stats.num_targets
     assert [[id(m) for m in step] for step in p.steps(2, rank=1)] == [[id(m) for m in s[1]] for s in steps]
+
+
+def test_target_norms_refuses_groups_outside_num_groups():
+    """A group id >= num_groups used to be dropped silently (its targets never normalised)."""
+    from leafe_fast.errors import UserError
+
+    samples = random_samples(6, 120, 30)
+    flat = list(pack(samples, 40).micro_batches)
+    assert max(int(mb.group.max()) for mb in flat if len(mb.group)) >= 1
+    with pytest.raises(UserError, match="outside \\[0, 1\\)"):
+        target_norms(flat, num_groups=1)
 
 
 def test_native_build_rejects_out_of_range_plans():
