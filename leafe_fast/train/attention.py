@@ -170,6 +170,25 @@ def measured_choice(key: tuple, candidates: dict[str, Callable[[], Any]], repeat
     return best
 
 
+def _training(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _trial(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           training: bool) -> Callable[[], Any]:
+    """A thunk for :func:`measured_choice`: forward only, or (training) forward + backward on detached copies,
+    since the backward of a dense mask costs far more than its forward on the CPU."""
+    if not training:
+        return lambda: attend(q, k, v)
+
+    def fwd_bwd() -> None:
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            attend(qq, kk, vv).sum().backward()
+
+    return fwd_bwd
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
@@ -247,7 +266,10 @@ def varlen_attention_packed(
         segments = cu.numel() - 1
         key = ("flat", q.device.type, q.dtype, _bucket(total), _bucket(segments), _bucket(max_seqlen), heads,
                head_dim, sliding_window is not None)
-        run = lambda b: lambda: _varlen_sdpa(b, q, k, v, cu, groups, scale, sliding_window)  # noqa: E731
+        training = _training(q, k, v)
+        key = (*key, training)
+        run = lambda b: _trial(lambda qq, kk, vv: _varlen_sdpa(b, qq, kk, vv, cu, groups, scale,  # noqa: E731
+                                                                   sliding_window), q, k, v, training)
         name = measured_choice(key, {"sdpa_mask": run("sdpa_mask"), "loop": run("loop")})
     if name in ("flash_attn", "torch_varlen"):
         # [T, H, D] views of HF's [1, H, T, D] tensors; the flash kernels want dense [T, H, D] inputs.
@@ -520,8 +542,9 @@ def tree_attention(
         else:
             key = ("tree", q.device.type, q.dtype, _bucket(total), _bucket(len(tree.chunks())), heads, head_dim,
                    sliding_window is not None, torch.is_grad_enabled())
-            run = lambda b: lambda: tree_attention(q, k, v, tree, scale=scale,  # noqa: E731
-                                                   sliding_window=sliding_window, backend=b)
+            run = lambda b: _trial(lambda qq, kk, vv: tree_attention(  # noqa: E731
+                qq, kk, vv, tree, scale=scale, sliding_window=sliding_window, backend=b), q, k, v,
+                _training(q, k, v))
             backend = measured_choice(key, {b: run(b) for b in cands})
     qh = q.transpose(0, 1)
     if backend == "flex":
