@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from leafe_fast.cli import main
+from leafe_fast.repro.command import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(["repro", *sys.argv[1:]]))
+    raise SystemExit(main(sys.argv[1:]))

@@ -154,10 +154,10 @@ def test_mean_ci_and_levels_gained_lost():
 
 
 def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
-    from leafe_fast.cli import main
+    from leafe_fast.repro.command import main
 
     out, res = tmp_path / "run", tmp_path / "results"
-    argv = ["repro", "--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress"]
+    argv = ["--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress"]
     assert main(argv) == 0
     result = json.loads((res / "repro_sokoban_tiny.json").read_text())
     assert set(result["table"]) == {"base", "rs-sft", "rehearsal-only", "leafe", "no-summary"}
@@ -168,4 +168,9 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
     assert (res / "repro_sokoban_tiny.png").exists()
     stamp = (out / "arms" / "leafe" / "seed0" / "arm.json").stat().st_mtime
     assert main(argv) == 0  # a rerun reuses every cached stage
+    assert main(argv[:-1] + ["--arms", "nope"]) == 2  # a user mistake: one line, exit 2
+    (res / "repro_sokoban_tiny.json").unlink()
+    assert main(argv + ["--report-only"]) == 0  # aggregates what finished, runs nothing
+    again = json.loads((res / "repro_sokoban_tiny.json").read_text())
+    assert again["table"]["leafe"]["pass@k"] == result["table"]["leafe"]["pass@k"]
     assert (out / "arms" / "leafe" / "seed0" / "arm.json").stat().st_mtime == stamp

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="a local instruction-tuned model directory to use instead of the cloned policy "
                         "(full prompts, the LLM reflector)")
+    p.add_argument("--report-only", action="store_true",
+                   help="aggregate the stages already finished under --out (a run cut short) and run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"repro_{preset.name}"
     progress = not args.no_progress and sys.stderr.isatty()
     repro = Repro(preset, out, progress=progress, model_dir=args.model)
-    result = repro.run()
+    result = repro.report_only() if args.report_only else repro.run()
     args.results_dir.mkdir(parents=True, exist_ok=True)
     from leafe_fast.repro.pipeline import _write_json
 
@@ -83,13 +85,26 @@ def run(args: argparse.Namespace) -> int:
     png = plot(result, args.results_dir / f"repro_sokoban_{preset.name}.png")
     print(format_table(result))
     g = result["gate"]
-    print(f"gate: continuation success {g['success_without']:.3f} -> {g['success_with']:.3f} with experience "
-          f"(gain {g['gain']:+.3f}, needed {g['min_gain']:+.2f}: {'passed' if g['passed'] else 'NOT passed'})")
+    if g:
+        print(f"gate: continuation success {g['success_without']:.3f} -> {g['success_with']:.3f} with experience "
+              f"(gain {g['gain']:+.3f}, needed {g['min_gain']:+.2f}: {'passed' if g['passed'] else 'NOT passed'})")
     print(f"result: {json_path}" + (f", plot: {png}" if png else ""))
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from leafe_fast.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """The command without the ``leafe-fast`` registry (``benchmarks/repro_sokoban.py`` calls this)."""
+    from leafe_fast.errors import UserError
 
-    raise SystemExit(main(["repro", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="repro_sokoban", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"repro_sokoban: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

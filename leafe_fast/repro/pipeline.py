@@ -80,6 +80,13 @@ PRESETS: dict[str, Preset] = {
                    max_branches=1, explore_max_steps=60, train_steps=2, eval_levels=4, eval_episodes=2,
                    seeds=(0,), chunk=64, threads=1),
     "cpu": Preset("cpu"),
+    # What fitted the shared 2-core machine on the day the first results were taken (load average 12-17,
+    # this run got about a quarter of a core): a 0.25M-parameter policy, 50 levels x 8. Not the issue's
+    # sizes; its result files say so.
+    "cpu-lite": Preset("cpu-lite", hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=256,
+                       clone_levels=1200, clone_steps=150, clone_lr=3e-3, token_budget=2048, gate_levels=40,
+                       gate_continuations=2, explore_levels=24, max_branches=3, explore_max_steps=160,
+                       train_steps=20, eval_levels=50, eval_episodes=8, chunk=200),
     "gpu": Preset("gpu", hidden_size=256, layers=6, heads=8, kv_heads=2, intermediate_size=1024,
                   clone_levels=20000, clone_steps=3000, token_budget=16384, gate_levels=400,
                   gate_continuations=8, explore_levels=512, train_steps=100, eval_levels=500,
@@ -237,6 +244,24 @@ class Repro:
         self.log(f"arm {arm} seed {seed}: pass@1 {ev['pass@k']['1']:.3f} pass@{ev['n']} "
                  f"{ev['pass@k'][str(ev['n'])]:.3f} ({info['seconds']:.0f} s)")
         return info
+
+    def report_only(self) -> dict[str, Any]:
+        """Aggregate the stages that finished (a run cut short), running nothing."""
+        def load(path: Path) -> dict[str, Any]:
+            return json.loads(path.read_text()) if path.exists() else {}
+
+        arms: dict[str, list[dict[str, Any]]] = {a: [] for a in self.p.arms}
+        for arm in self.p.arms:
+            for seed in self.p.seeds:
+                data = load(self.out / "arms" / arm / f"seed{seed}" / "arm.json")
+                if data:
+                    arms[arm].append(data)
+        if not arms.get("base"):
+            arms = {}
+        from leafe_fast.repro.report import aggregate
+
+        return aggregate(self, load(self.out / "random_walk.json"), load(self.out / "base" / "base.json"),
+                         load(self.out / "gate.json"), arms, 0.0)
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

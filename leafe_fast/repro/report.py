@@ -89,7 +89,7 @@ def format_table(result: dict[str, Any]) -> str:
     ks = list(next(iter(table.values()))["pass@k"])
     head = "| arm | " + " | ".join(f"pass@{k}" for k in ks) + " | gained / lost vs base |"
     lines = [head, "|" + "---|" * (len(ks) + 2)]
-    rw = result["random_walk"]["pass@k"]
+    rw = result["random_walk"].get("pass@k", {})
     lines.append("| random walk | " + " | ".join(f"{rw.get(k, float('nan')):.3f}" for k in ks) + " | |")
     for arm, row in table.items():
         cells = []
@@ -114,9 +114,10 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    rw = result["random_walk"]["pass@k"]
+    rw = result["random_walk"].get("pass@k", {})
     ks = [int(k) for k in rw]
-    ax.plot(ks, [rw[str(k)] for k in ks], "k:", label="random walk")
+    if ks:
+        ax.plot(ks, [rw[str(k)] for k in ks], "k:", label="random walk")
     for arm, row in result["table"].items():
         kk = [int(k) for k in row["pass@k"]]
         means = [row["pass@k"][str(k)]["mean"] for k in kk]

@@ -135,12 +135,12 @@ def _play_chunk(lm, chat, env, eps, seed, temperature, max_new, max_turns, keep_
     turn = 0
     while any(i >= 0 for i in slots):
         alive = torch.tensor([i >= 0 for i in slots])
-        need = max(int(lengths[r]) + len(pending[i]) + max_new for r, i in enumerate(slots) if i >= 0)
+        # dead rows get one dummy token at their end, which their (frozen) length lets the next write overwrite
+        ids, counts = pad_rows([pending[i] if i >= 0 else [0] for i in slots])
+        need = int(lengths.max()) + ids.shape[1] + max_new  # padded slots are written too
         if need > cache[0].shape[3]:
             grow = max(need, cache[0].shape[3] * 3 // 2) - cache[0].shape[3]
             cache = [torch.cat([kv, kv.new_zeros(*kv.shape[:3], grow, kv.shape[4])], 3) for kv in cache]
-        # dead rows get one dummy token at their end, which their (frozen) length lets the next write overwrite
-        ids, counts = pad_rows([pending[i] if i >= 0 else [0] for i in slots])
         logits = lm.forward_step(ids, counts, lengths, cache)
         lengths += counts * alive
         row_keys = keys[[max(i, 0) for i in slots]]

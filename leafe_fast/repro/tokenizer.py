@@ -3,7 +3,7 @@
 ``leafe_fast.tiny.tiny_tokenizer`` spends one token per board cell (29 for a 5x5 compact board): the
 attention cost of a from-scratch policy whose context holds every board of an episode grows with the
 square of that. Trained on the benchmark's own texts (instructions, boards, feedback, diagnoses) with
-merges allowed across a whole board row, a row becomes one or two tokens and a turn about half as many
+merges allowed across whole lines, a board row becomes one or two tokens and a turn about half as many
 tokens. Moves stay one token each (``u d l r``). Deterministic: the same levels give the same merges.
 """
 
@@ -25,11 +25,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # lines stay apart (a merge never spans a newline); inside a line merges may span anything
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    # merges may span anything, newlines included: a board row and its newline become one token, and so
+    # does "assistant\n", so the position that predicts a move is a token seen only in generation headers
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -66,7 +64,7 @@ def sokoban_corpus(env: Any, tasks: Iterable[Any], seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     texts = [env.instructions(), "Experience from an earlier attempt that went wrong from this point on: "
              "Use it for your next action. Avoid: u. Avoid: d. Avoid: l. Avoid: r.", "u", "d", "l", "r"]
-    texts += ["system", "user", "assistant"] * 50  # role names of the chat template: one token each
+    texts += ["system\n", "user\n", "assistant\n"] * 50  # role lines of the chat template: one token each
     for task in tasks:
         texts.append(env.reset(task))
         history = []
