@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leafe_fast.checks import check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args
 
@@ -257,6 +258,7 @@ def run_demo(args: DemoConfig) -> dict[str, Any]:
 def _fresh_outputs(out: Path) -> None:
     """A rerun starts over: exploration would otherwise skip the levels a previous (different) model
     already explored. Only the demo's own outputs are removed."""
+    check_out_path(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("trees.jsonl", "samples.npz", "report.json"):
         (out / name).unlink(missing_ok=True)

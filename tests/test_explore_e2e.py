@@ -107,7 +107,7 @@ def test_cli_explore_with_config_file_and_rerun(tmp_path, capsys):
 
     # clear errors, nothing written
     assert main(["explore", "--env", "sokoban", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
-    assert "not a local directory" in capsys.readouterr().err
+    assert "is not a local model directory" in capsys.readouterr().err
     cfg.write_text(json.dumps({"max_branch": 1}))
     assert main(["explore", "--config", str(cfg), "--env", "sokoban", "--model", "tiny", "--out", str(out)]) == 2
     assert "unknown key" in capsys.readouterr().err

@@ -11,6 +11,7 @@ token buffer plus offsets.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -168,6 +169,8 @@ class SampleColumns:
             raise UserError(str(path), "is a directory, not a samples file", fix)
         if path.stat().st_size == 0:
             raise UserError(str(path), "is empty", fix)
+        if not zipfile.is_zipfile(path):  # np.load would read it as a pickle and blame pickling
+            raise UserError(str(path), "is not a readable .npz samples file (not a zip archive)", fix)
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in cls.__dataclass_fields__ if k not in z.files]

@@ -19,6 +19,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from leafe_fast.checks import check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args
 
@@ -63,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(path), "is a directory, not a trees.jsonl file", "pass the file explore wrote")
     if args.out.is_dir():
         raise UserError("--out", f"{args.out} is a directory", "pass a file path, e.g. runs/x/samples.npz")
+    check_out_path(args.out)
+    if args.stats_json is not None:
+        check_out_path(args.stats_json, "--stats-json")
+    inputs = {path.resolve() for path in args.trees}
+    for flag, out in (("--out", args.out), ("--stats-json", args.stats_json)):
+        if out is not None and out.resolve() in inputs:
+            raise UserError(flag, f"{out} is also an input trees file (it would be overwritten)",
+                            "write the output to another path, e.g. runs/x/samples.npz")
 
     trees = [t for path in args.trees for t in read_trees(path)]
     source = ", ".join(map(str, args.trees))
@@ -80,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         print("warning: the samples file is empty (--allow-empty)", file=sys.stderr)
     if args.stats_json is not None:
-        if args.stats_json.is_dir():
-            raise UserError("--stats-json", f"{args.stats_json} is a directory", "pass a file path")
         args.stats_json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.stats_json.with_name(args.stats_json.name + ".tmp")
         tmp.write_text(json.dumps(stats.as_dict(), indent=2))

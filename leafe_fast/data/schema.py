@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -130,16 +130,19 @@ class Tree:
         raw_nodes = d.get("nodes")
         if not isinstance(raw_nodes, list) or not all(isinstance(n, dict) for n in raw_nodes):
             raise TreeFormatError("'nodes' must be a list of JSON objects")
-        try:
-            nodes = [Node(**n) for n in raw_nodes]
-            tree = cls(**{**d, "nodes": nodes})
-        except (KeyError, TypeError) as e:
-            raise TreeFormatError(f"bad tree record: {e}") from e
+        _check_keys(Tree, d, "tree")
+        for i, n in enumerate(raw_nodes):
+            _check_keys(Node, n, f"node {i}")
+        tree = cls(**{**d, "nodes": [Node(**n) for n in raw_nodes]})
         tree.validate()
         return tree
 
     def validate(self) -> None:
         """Structure and types; raises ``TreeFormatError`` naming the task and node."""
+        if not isinstance(self.task_id, str) or not isinstance(self.env, str):
+            raise TreeFormatError(f"task_id and env must be strings, got {self.task_id!r} and {self.env!r}")
+        if not isinstance(self.success, bool):
+            raise TreeFormatError(f"task {self.task_id}: success must be true or false, got {self.success!r}")
         _check_ids(self.prompt_ids, f"task {self.task_id}: prompt_ids")
         _check_ids(self.header_ids, f"task {self.task_id}: header_ids")
         for n in self.nodes:
@@ -150,6 +153,13 @@ class Tree:
             if isinstance(n.id, bool) or not isinstance(n.id, int) or isinstance(n.parent, bool) \
                     or not isinstance(n.parent, int) or isinstance(n.step, bool) or not isinstance(n.step, int):
                 raise TreeFormatError(f"task {self.task_id}: node ids, parents and steps must be integers")
+            for name in ("done", "success", "invalid", "noop", "truncated"):
+                if not isinstance(getattr(n, name), bool):
+                    raise TreeFormatError(f"task {self.task_id}: node {n.id} {name} must be true or false, "
+                                          f"got {getattr(n, name)!r}")
+            if n.rollback_from is not None and (isinstance(n.rollback_from, bool)
+                                                or not isinstance(n.rollback_from, int)):
+                raise TreeFormatError(f"task {self.task_id}: node {n.id} rollback_from must be an integer or null")
         ids = [n.id for n in self.nodes]
         if ids != list(range(len(ids))):
             raise TreeFormatError(f"task {self.task_id}: node ids must be 0..n-1 in order")
@@ -159,6 +169,18 @@ class Tree:
             want = 0 if n.parent == -1 else self.nodes[n.parent].step + 1
             if n.step != want:
                 raise TreeFormatError(f"task {self.task_id}: node {n.id} step {n.step} != {want}")
+
+
+def _check_keys(cls: type, record: dict, what: str) -> None:
+    """Unknown or missing keys of a tree/node record, named (not a Python ``TypeError``)."""
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    unknown = sorted(set(record) - names)
+    missing = sorted(required - set(record))
+    if unknown or missing:
+        parts = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + \
+            ([f"missing key(s) {', '.join(missing)}"] if missing else [])
+        raise TreeFormatError(f"{what}: {'; '.join(parts)}")
 
 
 def _check_ids(ids: Any, where: str) -> None:
@@ -249,6 +271,7 @@ class TreeWriter:
         if self.path.is_dir():
             raise UserError(str(self.path), "is a directory", "pass a file path for the trees, e.g. runs/x/trees.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = not self.path.exists()  # removed again on close if nothing was written
         self._f = self.path.open("ab")
         try:
             _lock(self._f, self.path)
@@ -278,7 +301,15 @@ class TreeWriter:
         self.finished.add(tree.task_id)
 
     def close(self) -> None:
-        self._f.close()
+        """Close (and unlock); a file this writer created and left empty is removed, so a run that
+        failed before its first tree leaves no empty trees file that looks like a finished one."""
+        if self._f.closed:
+            return
+        try:
+            if self._created and self.path.is_file() and self.path.stat().st_size == 0:
+                self.path.unlink()
+        finally:
+            self._f.close()
 
     def __enter__(self) -> "TreeWriter":
         return self

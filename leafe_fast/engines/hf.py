@@ -206,6 +206,11 @@ class HFEngine:
         self._eos = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
 
     # --- public API --------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int | None:
+        """The model's ``max_position_embeddings`` (prompt + generated tokens of one request), if known."""
+        return self._max_positions
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         for i, r in enumerate(requests):
             _validate(r, i)

@@ -128,6 +128,36 @@ def list_tasks(name: str, split: str = "train", n: int = 8, seed: int = 0, **kwa
     return _entry(name).tasks(split=split, n=n, seed=seed, **kwargs)
 
 
+def env_from_flags(name: str, kwargs: dict[str, Any]) -> Env:
+    """``make_env`` for command-line input: the constructor's ``TypeError``/``ValueError`` is a bad
+    ``--env-arg`` value (a ``UserError`` naming the flag); build one early as a probe, before a model loads."""
+    from leafe_fast.errors import UserError
+
+    check_env_args(name, kwargs)
+    try:
+        return make_env(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError("--env-arg", f"{name}: {e}", "see the env's constructor for the values it takes") from None
+
+
+def tasks_from_flags(name: str, split: str, n: int, seed: int, kwargs: dict[str, Any]) -> list[Task]:
+    """``list_tasks`` for command-line input: a bad ``--task-arg`` value or an empty split is a ``UserError``."""
+    from leafe_fast.errors import UserError
+
+    check_task_args(name, kwargs)
+    try:
+        tasks = list_tasks(name, split, n, seed=seed, **kwargs)
+    except (TypeError, ValueError) as e:  # a bad value, or a task list that hides its keys behind **kwargs
+        if isinstance(e, UserError):
+            raise
+        raise UserError("--task-arg", f"{name} tasks: {e}", "see the env's task list for the values it takes") from None
+    if not tasks:
+        raise UserError("--split", f"environment {name!r} has no {split!r} tasks", "choose another split")
+    return tasks
+
+
 # ---------------------------------------------------------------------------- built-ins
 
 

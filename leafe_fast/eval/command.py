@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, key_value
 
@@ -57,6 +58,8 @@ class EvalConfig:
             raise UserError("--top-p", f"must be > 0, got {self.top_p}", "use a value in (0, 1]")
         if self.out is not None and self.out.is_dir():
             raise UserError("--out", f"{self.out} is a directory", "pass a file path, e.g. runs/x/eval.json")
+        if self.out is not None:
+            check_out_path(self.out)
         return self
 
 
@@ -69,41 +72,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, EvalConfig)
 
 
-def _check_model_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise UserError("--model", f"{path} is not a local model directory",
-                        "pass a folder with config.json, weights and tokenizer (e.g. runs/x/final)")
-    if not (path / "config.json").is_file():
-        raise UserError("--model", f"{path} has no config.json",
-                        "pass the folder written by `leafe-fast train` (runs/x/final) or save_pretrained")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvalConfig, args)
     cfg.env_kwargs.update(dict(args.env_arg))
     cfg.task_kwargs.update(dict(args.task_arg))
     cfg.validate()
-    _check_model_dir(args.model)
 
     from leafe_fast.data.chat import ChatFormat
     from leafe_fast.engines.base import SamplingParams
     from leafe_fast.engines.hf import HFEngine
-    from leafe_fast.envs.registry import (action_token_limit, available_envs, check_env_args, check_task_args,
-                                          list_tasks, make_env)
+    from leafe_fast.envs.registry import (action_token_limit, available_envs, check_task_args, env_from_flags,
+                                          tasks_from_flags)
     from leafe_fast.eval import evaluate
 
     if cfg.env not in available_envs():
         raise UserError("--env", f"unknown environment {cfg.env!r}", f"choose one of {available_envs()}")
-    # unknown --env-arg/--task-arg keys fail here, before the model loads
-    check_env_args(cfg.env, cfg.env_kwargs)
-    check_task_args(cfg.env, cfg.task_kwargs)
     if cfg.env_kwargs.get("reveal_hidden_tests"):  # the policy would see held-out tests mid-episode
         raise UserError("--env-arg reveal_hidden_tests", "evaluation never shows hidden tests to the policy",
                         "drop it (it is off by default)")
-    env = make_env(cfg.env, **cfg.env_kwargs)
-    tasks = list_tasks(cfg.env, cfg.split, cfg.tasks, seed=cfg.task_seed, **cfg.task_kwargs)
-    if not tasks:
-        raise UserError("--split", f"{cfg.env} has no {cfg.split} tasks", "choose another split or environment")
+    # unknown --env-arg/--task-arg keys and bad values fail here, before the model loads
+    check_task_args(cfg.env, cfg.task_kwargs)
+    env = env_from_flags(cfg.env, cfg.env_kwargs)
+    tasks = tasks_from_flags(cfg.env, cfg.split, cfg.tasks, cfg.task_seed, cfg.task_kwargs)
+    check_model_dir(args.model)
+    check_device(cfg.device)
     max_new_tokens = cfg.max_new_tokens or action_token_limit(cfg.env)
     engine = HFEngine(str(args.model), device=cfg.device, max_batch_size=cfg.max_batch_size, seed=cfg.seed)
     try:

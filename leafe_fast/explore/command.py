@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.explore.config import ExploreConfig
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value, read_json_object
@@ -91,33 +92,29 @@ def resolve(args: argparse.Namespace) -> tuple[ExploreRun, ExploreConfig]:
     return run, config
 
 
-def check_inputs(run: ExploreRun, config: ExploreConfig):
+def check_inputs(run: ExploreRun, config: ExploreConfig, summary_json: Path | None = None):
     """Everything that can be checked without the model: env name, task and env arguments, the task
     list itself, and the output file (a directory, a malformed line, another run's lock). Returns the tasks."""
     from leafe_fast.data.schema import TreeWriter
-    from leafe_fast.envs.registry import available_envs, check_env_args, check_task_args, list_tasks, make_env
+    from leafe_fast.envs.registry import available_envs, check_env_args, env_from_flags, tasks_from_flags
 
     if run.env not in available_envs():
         raise UserError("--env", f"unknown environment {run.env!r}", f"choose one of {available_envs()}")
-    check_task_args(run.env, run.task_args)
-    check_env_args(run.env, config.env_kwargs)
-    try:
-        tasks = list_tasks(run.env, run.split, run.tasks, seed=run.task_seed, **run.task_args)
-    except (TypeError, ValueError) as e:  # a bad value, or a task list that hides its keys behind **kwargs
-        if isinstance(e, UserError):
-            raise
-        raise UserError("--task-arg", f"{run.env} tasks: {e}", "see the env's task list for the values it takes") from None
-    if not tasks:
-        raise UserError("--tasks", f"environment {run.env!r} has no {run.split!r} tasks", "choose another split")
-    try:  # a probe instance: bad constructor values surface now, not after the model has loaded
-        probe = make_env(run.env, **config.env_kwargs)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError("--env-arg", f"{run.env}: {e}", "see the env's constructor for the values it takes") from None
+    check_env_args(run.env, config.env_kwargs)  # unknown keys before the task list builds anything
+    tasks = tasks_from_flags(run.env, run.split, run.tasks, run.task_seed, run.task_args)
+    # a probe instance: bad constructor values surface now, not after the model has loaded
+    probe = env_from_flags(run.env, config.env_kwargs)
     close = getattr(probe, "close", None)
     if callable(close):
         close()
+    if run.model not in (None, "tiny") and run.engine == "hf":
+        check_model_dir(run.model)
+    check_device(run.device)
+    check_out_path(run.out)
+    if summary_json is not None:
+        check_out_path(summary_json, "--summary-json")
+        if summary_json.resolve() == Path(run.out).resolve():
+            raise UserError("--summary-json", f"{summary_json} is also the --out file", "pass another file path")
     TreeWriter(run.out).close()  # a probe: raises if --out is a directory, malformed or in use
     return tasks
 
@@ -164,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from leafe_fast.explore.loop import explore
 
     settings, config = resolve(args)
-    tasks = check_inputs(settings, config)
+    tasks = check_inputs(settings, config, args.summary_json)
     engine, tokenizer = build_engine(settings)
+    if config.max_context_tokens is None:  # bounded by the model, so a long episode ends instead of crashing
+        config.max_context_tokens = getattr(engine, "max_positions", None)
     try:
         summary = explore(tasks, settings.env, engine, tokenizer, settings.out, config)
     except KeyboardInterrupt:

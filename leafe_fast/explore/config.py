@@ -69,7 +69,7 @@ class ExploreConfig:
     stop_on_success: bool = field(default=True, metadata={
         "help": "end a task at its first success (--no-stop-on-success keeps exploring and reflects on it)"})
     max_context_tokens: int | None = field(default=None, metadata={
-        "help": "prompt + new tokens of one request (none: unbounded)", "min": 2})
+        "help": "prompt + new tokens of one request (none: the hf model's max_position_embeddings)", "min": 2})
     # sampling of actions
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of actions", "min": 0.0})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of actions, in (0, 1]", "max": 1.0})

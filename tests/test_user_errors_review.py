@@ -1,0 +1,232 @@
+"""Issue 10, user errors found by a review run as a new user (helper R): each input below once gave a
+traceback, a misleading line, or left a file behind. Every case: exit 2, one line naming the
+flag/file/field, no output written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from leafe_fast.checks import check_device, check_model_dir, check_out_path
+from leafe_fast.cli import main
+from leafe_fast.data import Node, SampleColumns, Tree, TreeWriter, read_trees
+from leafe_fast.data.schema import TreeFormatError
+from leafe_fast.errors import UserError
+
+
+def _tree(task_id: str = "a") -> Tree:
+    return Tree(task_id, "toy", [1, 2, 3], [7], [Node(0, -1, 0, [12, 13], [21], done=True, success=True)],
+                success=True)
+
+
+def _trees_file(tmp_path, edit=None):
+    record = json.loads(_tree().to_json())
+    if edit is not None:
+        edit(record)
+    path = tmp_path / "trees.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def _one_error_line(capsys, cmd: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"leafe-fast {cmd}: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if explore gets as far as loading a model."""
+    import leafe_fast.explore.command as command
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input mistake was reported")
+
+    monkeypatch.setattr(command, "build_engine", refuse)
+
+
+def _fake_model_dir(path, *, weights=True, tokenizer=True):
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"x")
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+# --- trees records: types of flags and keys -----------------------------------------------------
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r["nodes"][0].update(success="yes"), "node 0 success must be true or false, got 'yes'"),
+    (lambda r: r["nodes"][0].update(done=1), "node 0 done must be true or false"),
+    (lambda r: r.update(success=None), "success must be true or false"),
+    (lambda r: r["nodes"][0].update(rollback_from="0"), "rollback_from must be an integer or null"),
+    (lambda r: r.update(task_id=5), "task_id and env must be strings"),
+    (lambda r: r.update(extra=1), "tree: unknown key(s) extra"),
+    (lambda r: r.pop("task_id"), "tree: missing key(s) task_id"),
+    (lambda r: r["nodes"][0].update(depth=0), "node 0: unknown key(s) depth"),
+    (lambda r: r["nodes"][0].pop("action_ids"), "node 0: missing key(s) action_ids"),
+])
+def test_a_trees_record_with_a_wrong_type_or_key_names_it(tmp_path, capsys, edit, problem):
+    path = _trees_file(tmp_path, edit)
+    with pytest.raises(TreeFormatError, match="trees.jsonl:1: "):
+        read_trees(path)
+    assert main(["build-data", str(path), "--out", str(tmp_path / "s.npz")]) == 2
+    line = _one_error_line(capsys, "build-data")
+    assert "trees.jsonl:1: " in line and problem in line and "__init__" not in line
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_trees_written_by_the_writer_still_read(tmp_path):
+    with TreeWriter(tmp_path / "t.jsonl") as w:
+        w.write(_tree("a"))
+    assert [t.task_id for t in read_trees(tmp_path / "t.jsonl")] == ["a"]
+
+
+# --- build-data outputs --------------------------------------------------------------------------
+def test_build_data_refuses_to_overwrite_its_input(tmp_path, capsys):
+    path = _trees_file(tmp_path)
+    before = path.read_bytes()
+    assert main(["build-data", str(path), "--out", str(path), "--recipe", "rehearsal-only"]) == 2
+    assert "--out: " in _one_error_line(capsys, "build-data")
+    assert main(["build-data", str(path), "--out", str(tmp_path / "s.npz"), "--stats-json", str(path)]) == 2
+    assert "--stats-json: " in _one_error_line(capsys, "build-data")
+    assert path.read_bytes() == before and not (tmp_path / "s.npz").exists()
+
+
+def test_build_data_checks_stats_json_before_writing_samples(tmp_path, capsys):
+    path = _trees_file(tmp_path)
+    (tmp_path / "stats").mkdir()
+    argv = ["build-data", str(path), "--out", str(tmp_path / "s.npz"), "--recipe", "rehearsal-only"]
+    assert main([*argv, "--stats-json", str(tmp_path / "stats")]) == 2
+    assert "--stats-json: " in _one_error_line(capsys, "build-data")
+    assert not (tmp_path / "s.npz").exists()
+    assert main(argv) == 0 and (tmp_path / "s.npz").exists()  # the same run without the mistake works
+
+
+# --- outputs under a file, for every command --------------------------------------------------------
+def test_an_output_path_under_a_file_is_one_line(tmp_path, capsys, no_model):
+    path = _trees_file(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = _fake_model_dir(tmp_path / "model")
+    cases = [
+        ("build-data", [str(path), "--out", str(blocker / "s.npz")]),
+        ("build-data", [str(path), "--out", str(tmp_path / "s.npz"), "--stats-json", str(blocker / "st.json")]),
+        ("explore", ["--env", "sokoban", "--model", "tiny", "--tasks", "1", "--out", str(blocker / "t.jsonl")]),
+        ("explore", ["--env", "sokoban", "--model", "tiny", "--tasks", "1", "--out", str(tmp_path / "t.jsonl"),
+                     "--summary-json", str(tmp_path)]),
+        ("eval", ["--model", str(model), "--tasks", "1", "--out", str(blocker / "e.json")]),
+        ("demo", ["--out", str(blocker)]),
+        ("demo", ["--out", str(blocker / "sub")]),
+    ]
+    for cmd, argv in cases:
+        assert main([cmd, *argv]) == 2, (cmd, argv)
+        line = _one_error_line(capsys, cmd)
+        assert "--out" in line or "--summary-json" in line or "--stats-json" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "model", "trees.jsonl"]
+
+
+def test_check_out_path():
+    with pytest.raises(UserError, match="is a directory"):
+        check_out_path("/")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_out_path(__file__, folder=True)
+    assert check_out_path("/nonexistent/dir/x.json").name == "x.json"
+
+
+# --- samples files ---------------------------------------------------------------------------------
+def test_a_text_file_as_samples_is_not_blamed_on_pickling(tmp_path):
+    path = tmp_path / "s.npz"
+    path.write_text("hello\n")
+    with pytest.raises(UserError, match="not a zip archive") as info:
+        SampleColumns.load(path)
+    assert "pickle" not in str(info.value)
+
+
+# --- model folders and devices (explore and eval), before any model loads ----------------------------
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: _fake_model_dir(p, weights=False), "has no weights"),
+    (lambda p: _fake_model_dir(p, tokenizer=False), "has no tokenizer"),
+    (lambda p: p.mkdir(), "has no config.json"),
+    (lambda p: None, "is not a local model directory"),
+])
+def test_incomplete_model_folders(tmp_path, capsys, no_model, make, problem):
+    model = tmp_path / "model"
+    make(model)
+    with pytest.raises(UserError, match=problem):
+        check_model_dir(model)
+    assert main(["explore", "--env", "sokoban", "--model", str(model), "--tasks", "1",
+                 "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert problem in _one_error_line(capsys, "explore")
+    assert main(["eval", "--model", str(model), "--tasks", "1"]) == 2
+    assert problem in _one_error_line(capsys, "eval")
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("device, problem", [("tpu", "is not a torch device"), ("cuda:7", "CUDA")])
+def test_a_bad_device_is_one_line(tmp_path, capsys, no_model, device, problem):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    with pytest.raises(UserError, match=problem):
+        check_device(device)
+    check_device(None)
+    check_device("cpu")
+    model = _fake_model_dir(tmp_path / "model")
+    assert main(["explore", "--env", "sokoban", "--model", "tiny", "--tasks", "1", "--device", device,
+                 "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "--device: " in _one_error_line(capsys, "explore")
+    assert main(["eval", "--model", str(model), "--tasks", "1", "--device", device]) == 2
+    assert "--device: " in _one_error_line(capsys, "eval")
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--env-arg", "max_steps=abc"), ("--task-arg", "num_boxes=abc")])
+def test_eval_bad_env_and_task_values_are_one_line(tmp_path, capsys, flag, value):
+    model = _fake_model_dir(tmp_path / "model")
+    assert main(["eval", "--model", str(model), "--tasks", "1", flag, value]) == 2
+    assert f"{flag}: sokoban" in _one_error_line(capsys, "eval")
+
+
+# --- no empty trees file after a failed run ------------------------------------------------------
+def test_a_writer_that_wrote_nothing_leaves_no_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    TreeWriter(path).close()
+    assert not path.exists()
+    with pytest.raises(RuntimeError):
+        with TreeWriter(path):
+            raise RuntimeError("the model failed to load")
+    assert not path.exists()
+    with TreeWriter(path) as w:
+        w.write(_tree("a"))
+    with TreeWriter(path):  # an existing file is never removed, even when this run adds nothing
+        pass
+    assert [t.task_id for t in read_trees(path)] == ["a"]
+    path.write_text("")
+    TreeWriter(path).close()
+    assert path.exists()  # not created by this writer: left alone
+
+
+# --- the context bound of exploration ------------------------------------------------------------
+def test_explore_bounds_the_context_by_the_model(tmp_path, monkeypatch):
+    """Without --max-context-tokens a long episode ended the run with a ValueError from the engine
+    (prompt longer than the model's positions); the bound now defaults to the model's."""
+    import leafe_fast.explore.loop as loop
+
+    seen = {}
+
+    def fake_explore(tasks, env, engine, tokenizer, out, config):
+        seen["max_context_tokens"] = config.max_context_tokens
+        seen["positions"] = engine.max_positions
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "explore", fake_explore)
+    assert main(["explore", "--env", "sokoban", "--model", "tiny", "--tasks", "1", "--no-progress",
+                 "--out", str(tmp_path / "t.jsonl")]) == 130
+    assert seen["positions"] and seen["max_context_tokens"] == seen["positions"]
+    assert not (tmp_path / "t.jsonl").exists()
