@@ -35,10 +35,13 @@ bench: $(STAMP)
 	$(VENV)/bin/leafe-fast bench --list
 	$(VENV)/bin/leafe-fast bench all
 
-# The checks that need a CUDA GPU (benchmarks/gpu_check.py).
-gpu-check: $(STAMP)
-	@test -f benchmarks/gpu_check.py || { echo "benchmarks/gpu_check.py is not there yet"; exit 2; }
-	$(PY) benchmarks/gpu_check.py
+# The checks that need a CUDA GPU (benchmarks/gpu_check.py), from a bare GPU machine: no venv, no
+# install, no network. GPU_PY is the machine's Python with CUDA torch (pybind11 for the C++ packer);
+# the packer is built in place and kernels/ maps to leafe_fast.kernels from the checkout.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) setup.py -q build_ext --inplace
+	$(GPU_PY) benchmarks/gpu_check.py
 
 # Build outputs and the install stamp: the next `make test` reinstalls (and rebuilds _C).
 clean:

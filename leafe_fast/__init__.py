@@ -36,4 +36,28 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+def _map_checkout_kernels() -> None:
+    """Run from a source checkout with no install (a bare GPU machine running ``make gpu-check``), the
+    top-level ``kernels/`` folder becomes ``leafe_fast.kernels``, as every install maps it (setup.py).
+    An installed package (editable or not) finds its own ``leafe_fast.kernels`` and this does nothing."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = __name__ + ".kernels"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "__init__.py").is_file() or not (folder.parent / "setup.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_map_checkout_kernels()
+
+
 __getattr__ = lazy_getattr(__name__, _LAZY)
