@@ -69,6 +69,8 @@ def check_out_path(path: str | Path, flag: str = "--out", *, folder: bool = Fals
         raise UserError(flag, f"{path} is a file, not a folder", "pass a folder path (it is created if missing)")
     if not folder and path.is_dir():
         raise UserError(flag, f"{path} is a directory", "pass a file path")
+    if not folder and path.exists() and not path.is_file():  # tmp + rename would replace /dev/null itself
+        raise UserError(flag, f"{path} is not a regular file (a device, pipe or socket)", "pass a file path")
     return path
 
 

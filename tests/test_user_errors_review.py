@@ -230,3 +230,60 @@ def test_explore_bounds_the_context_by_the_model(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "t.jsonl")]) == 130
     assert seen["positions"] and seen["max_context_tokens"] == seen["positions"]
     assert not (tmp_path / "t.jsonl").exists()
+
+
+# --- outputs that are devices or pipes; a full disk ---------------------------------------------------
+def test_a_pipe_as_output_or_input_is_refused_not_replaced(tmp_path, capsys):
+    """--out /dev/null once replaced the device node with a regular file (tmp + rename, as root)."""
+    import os
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    trees = _trees_file(tmp_path)
+    assert main(["build-data", str(trees), "--out", str(pipe), "--recipe", "rehearsal-only"]) == 2
+    assert "not a regular file" in _one_error_line(capsys, "build-data")
+    assert main(["build-data", str(pipe), "--out", str(tmp_path / "s.npz")]) == 2  # reading it would block
+    assert "not a regular file" in _one_error_line(capsys, "build-data")
+    model = _fake_model_dir(tmp_path / "model")
+    assert main(["eval", "--model", str(model), "--tasks", "1", "--out", str(pipe)]) == 2
+    assert "not a regular file" in _one_error_line(capsys, "eval")
+    with pytest.raises(UserError, match="not a regular file"):
+        SampleColumns.from_samples([]).save(pipe)
+    assert pipe.is_fifo()
+
+
+def test_a_full_disk_while_writing_trees_keeps_the_finished_ones(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "t.jsonl"
+    with TreeWriter(path) as w:
+        w.write(_tree("a"))
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with TreeWriter(path) as w:
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(UserError, match="t.jsonl: cannot be written \\(No space left on device\\)"):
+            w.write(_tree("b"))
+        monkeypatch.undo()
+    assert path.read_bytes() == before  # cut back to the last complete tree
+    assert [t.task_id for t in read_trees(path)] == ["a"]
+
+
+def test_a_full_disk_while_saving_samples_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from leafe_fast.data import Sample
+
+    cols = SampleColumns.from_samples([Sample(np.array([1, 2, 3]), np.array([0, 0, 1], bool))])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(UserError, match="s.npz: cannot be written"):
+        cols.save(tmp_path / "s.npz")
+    assert list(tmp_path.iterdir()) == []

@@ -147,6 +147,8 @@ class SampleColumns:
         path = Path(path)
         if path.is_dir():
             raise UserError(str(path), "is a directory", "pass a file path for the samples, e.g. runs/x/samples.npz")
+        if path.exists() and not path.is_file():  # the rename would replace a device or pipe
+            raise UserError(str(path), "is not a regular file", "pass a file path for the samples")
         tmp = path.with_name(path.name + ".tmp")
         try:
             with open(tmp, "wb") as f:
@@ -154,8 +156,14 @@ class SampleColumns:
                 f.flush()
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if isinstance(e, OSError):  # disk full, read-only or missing folder: the user's to fix
+                raise UserError(str(path), f"cannot be written ({e.strerror or e})",
+                                "check that its folder exists, is writable and has space") from None
             raise
 
     @classmethod

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(path), "no such file", "pass the trees.jsonl written by `leafe-fast explore`")
         if path.is_dir():
             raise UserError(str(path), "is a directory, not a trees.jsonl file", "pass the file explore wrote")
+        if not path.is_file():  # a pipe would block, a device never ends
+            raise UserError(str(path), "is not a regular file", "pass the trees.jsonl file explore wrote")
     if args.out.is_dir():
         raise UserError("--out", f"{args.out} is a directory", "pass a file path, e.g. runs/x/samples.npz")
     check_out_path(args.out)

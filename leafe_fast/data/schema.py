@@ -272,6 +272,7 @@ class TreeWriter:
             raise UserError(str(self.path), "is a directory", "pass a file path for the trees, e.g. runs/x/trees.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = not self.path.exists()  # removed again on close if nothing was written
+        self._failed = False
         self._f = self.path.open("ab")
         try:
             _lock(self._f, self.path)
@@ -294,10 +295,22 @@ class TreeWriter:
                     f.truncate(keep)
 
     def write(self, tree: Tree) -> None:
+        """Append one tree. A failed write (disk full, quota, I/O error) cuts the file back to its last
+        complete line and is a ``UserError`` naming the file: a rerun resumes from the trees kept."""
         tree.validate()
-        self._f.write(tree.to_json().encode() + b"\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        end = os.fstat(self._f.fileno()).st_size
+        try:
+            self._f.write(tree.to_json().encode() + b"\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            self._failed = True
+            try:
+                os.ftruncate(self._f.fileno(), end)
+            except OSError:
+                pass  # the partial line is cut away by the next open
+            raise UserError(str(self.path), f"cannot be written ({e.strerror or e})",
+                            "free disk space or pass another --out, then rerun (finished trees are kept)") from None
         self.finished.add(tree.task_id)
 
     def close(self) -> None:
@@ -309,7 +322,11 @@ class TreeWriter:
             if self._created and self.path.is_file() and self.path.stat().st_size == 0:
                 self.path.unlink()
         finally:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                if not self._failed:  # else: the failed write's bytes, still buffered, cannot go either
+                    raise
 
     def __enter__(self) -> "TreeWriter":
         return self
