@@ -287,3 +287,28 @@ def test_a_full_disk_while_saving_samples_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="s.npz: cannot be written"):
         cols.save(tmp_path / "s.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- an explore rerun with other settings ------------------------------------------------------------
+def test_an_explore_rerun_with_other_settings_is_refused(tmp_path, capsys, no_model):
+    from leafe_fast.explore.config import ExploreConfig
+
+    out = tmp_path / "t.jsonl"
+    tree = _tree("sokoban-train-0")
+    tree.env = "sokoban"
+    tree.meta = {"config": json.loads(json.dumps(ExploreConfig(max_steps=6).to_dict()))}
+    with TreeWriter(out) as w:
+        w.write(tree)
+    before = out.read_bytes()
+    base = ["explore", "--env", "sokoban", "--model", "tiny", "--tasks", "2", "--out", str(out)]
+    for extra, words in [(["--max-steps", "2"], "max_steps=6, this run has 2; pass --max-steps as before"),
+                         (["--max-steps", "6", "--env-arg", "max_steps=9"], "pass --env-arg as before"),
+                         (["--max-steps", "6", "--mode", "independent"], "mode='leafe'")]:
+        assert main([*base, *extra]) == 2
+        assert words in _one_error_line(capsys, "explore")
+    assert main(["explore", "--env", "code", "--model", "tiny", "--tasks", "1", "--out", str(out)]) == 2
+    assert "holds trees of env 'sokoban'" in _one_error_line(capsys, "explore")
+    assert out.read_bytes() == before
+    # the same settings (batching aside) pass the check and reach the model
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main([*base, "--max-steps", "6", "--concurrency", "3"])

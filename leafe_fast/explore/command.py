@@ -116,7 +116,36 @@ def check_inputs(run: ExploreRun, config: ExploreConfig, summary_json: Path | No
         if summary_json.resolve() == Path(run.out).resolve():
             raise UserError("--summary-json", f"{summary_json} is also the --out file", "pass another file path")
     TreeWriter(run.out).close()  # a probe: raises if --out is a directory, malformed or in use
+    check_resume_settings(run, config)
     return tasks
+
+
+# settings that do not change what a tree holds (batching, or filled in from the model at run time)
+_RESUME_FREE = ("progress", "env_workers", "concurrency", "max_context_tokens")
+
+
+def check_resume_settings(run: ExploreRun, config: ExploreConfig) -> None:
+    """A rerun on an --out that holds trees continues that exploration: its trees must come from the same
+    env and settings (like ``train --resume``), else the file would mix two experiments silently."""
+    from leafe_fast.data.schema import iter_trees
+
+    if not Path(run.out).is_file():
+        return
+    first = next(iter(iter_trees(run.out)), None)
+    if first is None:
+        return
+    if first.env != run.env:
+        raise UserError("--out", f"{run.out} holds trees of env {first.env!r}, this run explores {run.env!r}",
+                        "pass another --out for another environment")
+    recorded = first.meta.get("config")
+    if not isinstance(recorded, dict):
+        return
+    now = json.loads(json.dumps(config.to_dict(), default=str))  # as the trees file holds it (lists, not tuples)
+    for key in sorted(set(recorded) & set(now)):
+        if key not in _RESUME_FREE and recorded[key] != now[key]:
+            flag = "--env-arg" if key == "env_kwargs" else f"--{key.replace('_', '-')}"
+            raise UserError("--out", f"{run.out} holds trees explored with {key}={recorded[key]!r}, this run has "
+                            f"{now[key]!r}", f"pass {flag} as before to resume it, or another --out for new settings")
 
 
 def build_engine(run: ExploreRun):
