@@ -312,3 +312,27 @@ def test_an_explore_rerun_with_other_settings_is_refused(tmp_path, capsys, no_mo
     # the same settings (batching aside) pass the check and reach the model
     with pytest.raises(AssertionError, match="the model was loaded"):
         main([*base, "--max-steps", "6", "--concurrency", "3"])
+
+
+# --- samples arrays the packer refused with a traceback ------------------------------------------------
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d.update(target_mask=np.zeros_like(d["target_mask"])), "has a target token"),
+    (lambda d: d.update(target_mask=np.full_like(d["target_mask"], 2)), "target_mask must hold only 0 and 1"),
+    (lambda d: d.update(weight=np.full_like(d["weight"], -1.0)), "negative weight"),
+    (lambda d: d.update(prefix_len=np.full_like(d["prefix_len"], 100)), "prefix_len outside"),
+    (lambda d: d["target_mask"].__setitem__(0, 1), "mark their first token as a target"),
+])
+def test_samples_arrays_the_packer_would_refuse_are_named_at_load(tmp_path, capsys, edit, problem):
+    from leafe_fast.data import Sample
+
+    cols = SampleColumns.from_samples([Sample(np.array([1, 2, 3]), np.array([0, 0, 1], bool)),
+                                       Sample(np.array([1, 2, 4, 5]), np.array([0, 0, 1, 1], bool))])
+    data = {k: np.array(getattr(cols, k)) for k in cols.__dataclass_fields__}
+    edit(data)
+    path = tmp_path / "s.npz"
+    np.savez(path, **data)
+    with pytest.raises(UserError, match=problem):
+        SampleColumns.load(path)
+    assert main(["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run")]) == 2
+    assert problem in _one_error_line(capsys, "train")
+    assert not (tmp_path / "run").exists()

@@ -108,6 +108,20 @@ class SampleColumns:
         if n and not np.all(np.isfinite(weight)):
             bad = np.flatnonzero(~np.isfinite(weight))[:5].tolist()
             raise ValueError(f"SampleColumns: samples {bad} have a weight that is not finite")
+        if n and weight.min() < 0:
+            bad = np.flatnonzero(weight < 0)[:5].tolist()
+            raise ValueError(f"SampleColumns: samples {bad} have a negative weight")
+        if T and not np.isin(self.target_mask, (0, 1)).all():
+            raise ValueError("SampleColumns: target_mask must hold only 0 and 1")
+        lengths = np.diff(self.offsets)
+        if n and (np.asarray(self.prefix_len).min() < 0 or np.any(self.prefix_len > lengths)):
+            bad = np.flatnonzero((self.prefix_len < 0) | (self.prefix_len > lengths))[:5].tolist()
+            raise ValueError(f"SampleColumns: samples {bad} have a prefix_len outside [0, their length]")
+        starts = self.offsets[:-1][lengths > 0]
+        if len(starts) and np.any(self.target_mask[starts]):  # token 0 has no predictor
+            bad = np.flatnonzero(lengths > 0)[np.asarray(self.target_mask[starts], bool)][:5].tolist()
+            raise ValueError(f"SampleColumns: samples {bad} mark their first token as a target "
+                             "(target_mask[i] means token i is predicted from token i-1)")
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> "SampleColumns":
@@ -193,6 +207,8 @@ class SampleColumns:
             cols.validate()
         except ValueError as e:
             raise UserError(str(path), str(e), fix) from None
+        if len(cols) and not np.any(cols.target_mask):
+            raise UserError(str(path), f"none of its {len(cols)} samples has a target token", fix)
         return cols
 
 
