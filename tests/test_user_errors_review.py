@@ -336,3 +336,15 @@ def test_samples_arrays_the_packer_would_refuse_are_named_at_load(tmp_path, caps
     assert main(["train", "--samples", str(path), "--model", "tiny", "--out", str(tmp_path / "run")]) == 2
     assert problem in _one_error_line(capsys, "train")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_file_as_trees_gets_one_error_and_no_partial_line_warning(tmp_path, recwarn):
+    path = tmp_path / "s.npz"
+    path.write_bytes(b"PK\x03\x04\xff\xfe binary\nmore \xff bytes")
+    with pytest.raises(TreeFormatError, match="s.npz:1: not valid JSON"):
+        read_trees(path)
+    assert not [w for w in recwarn if "incomplete last line" in str(w.message)]
+    good = tmp_path / "t.jsonl"
+    good.write_text(_tree().to_json() + "\n" + _tree("b").to_json()[:20])  # a killed append: still warned
+    with pytest.warns(RuntimeWarning, match="t.jsonl:2: skipping an unterminated"):
+        assert [t.task_id for t in read_trees(good)] == ["a"]

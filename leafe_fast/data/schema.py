@@ -207,16 +207,9 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
         data = f.read()
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
-    if tail.strip():
-        if _is_json(tail):
-            complete.append(tail)
-        else:
-            warnings.warn(
-                f"{path}:{len(lines)}: skipping an unterminated, incomplete last line (an append cut "
-                "off by a killed run)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    cut = bool(tail.strip()) and not _is_json(tail)
+    if tail.strip() and not cut:
+        complete.append(tail)
     for lineno, raw in enumerate(complete, start=1):
         if not raw.strip():
             continue
@@ -230,6 +223,13 @@ def iter_trees(path: str | os.PathLike) -> Iterator[Tree]:
             yield Tree.from_dict(record)
         except TreeFormatError as e:
             raise TreeFormatError(f"{path}:{lineno}", e.problem, e.fix) from None
+    if cut:  # after the complete lines: a file that is not a trees file at all gets its error, not this
+        warnings.warn(
+            f"{path}:{len(lines)}: skipping an unterminated, incomplete last line (an append cut "
+            "off by a killed run)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _is_json(raw: bytes) -> bool:
