@@ -174,6 +174,10 @@ def _training(*xs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _trial(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            training: bool) -> Callable[[], Any]:
     """A thunk for :func:`measured_choice`: forward only, or (training) forward + backward on detached copies,
@@ -182,7 +186,9 @@ def _trial(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor
         return lambda: attend(q, k, v)
 
     def fwd_bwd() -> None:
-        with torch.enable_grad():
+        # Identity saved-tensor hooks: inside an activation-checkpointed layer the checkpoint's own hooks
+        # would otherwise pack the trial's tensors and recompute the whole layer in this trial's backward.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
             attend(qq, kk, vv).sum().backward()
 
