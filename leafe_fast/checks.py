@@ -26,12 +26,33 @@ def check_model_dir(path: str | Path, flag: str = "--model", *, tokenizer: bool 
         raise UserError(flag, f"{path} is not a local model directory", fix)
     if not (path / "config.json").is_file():
         raise UserError(flag, f"{path} has no config.json", fix)
+    _check_config(path / "config.json", flag, fix)
     if not any((path / name).is_file() for name in _WEIGHTS):
         raise UserError(flag, f"{path} has no weights (none of {', '.join(_WEIGHTS)})", fix)
     if tokenizer and not any((path / name).is_file() for name in _TOKENIZER):
         raise UserError(flag, f"{path} has no tokenizer (none of {', '.join(_TOKENIZER)})",
                         "save the tokenizer into the model folder (tokenizer.save_pretrained)")
     return path
+
+
+def _check_config(config: Path, flag: str, fix: str) -> None:
+    """config.json is a JSON object whose ``model_type`` this transformers knows (read, nothing loaded)."""
+    import json
+
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(flag, f"{config} is not readable JSON ({e})", fix) from None
+    if not isinstance(data, dict):
+        raise UserError(flag, f"{config} is not a JSON object", fix)
+    model_type = data.get("model_type")
+    if model_type is None:
+        return  # transformers decides (some configs name only an architecture)
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(flag, f"{config}: model_type {model_type!r} is unknown to the installed transformers",
+                        "use a model of a supported architecture, or upgrade transformers")
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:

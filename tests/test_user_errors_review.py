@@ -153,6 +153,10 @@ def test_a_text_file_as_samples_is_not_blamed_on_pickling(tmp_path):
     (lambda p: _fake_model_dir(p, tokenizer=False), "has no tokenizer"),
     (lambda p: p.mkdir(), "has no config.json"),
     (lambda p: None, "is not a local model directory"),
+    (lambda p: (_fake_model_dir(p), (p / "config.json").write_text("not json")), "config.json is not readable JSON"),
+    (lambda p: (_fake_model_dir(p), (p / "config.json").write_text("[1]")), "config.json is not a JSON object"),
+    (lambda p: (_fake_model_dir(p), (p / "config.json").write_text('{"model_type": "nonsense"}')),
+     "model_type 'nonsense' is unknown"),
 ])
 def test_incomplete_model_folders(tmp_path, capsys, no_model, make, problem):
     model = tmp_path / "model"
