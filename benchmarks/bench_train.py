@@ -8,8 +8,8 @@ Peers (each: fresh model with the same seed, AdamW, optional activation checkpoi
 precision: bf16-mixed on CUDA = fp32 master weights and AdamW state, bf16 autocast compute, which is what
 leafe-fast trains with by default and what HF's Trainer does with ``bf16=True``; fp32 on the CPU):
 
-- ``leafe-fast``        packed varlen micro-batches (best-fit-decreasing, --budget tokens), our varlen
-                        attention, Liger RMSNorm/RoPE/SwiGLU when installed, fused LEAFE loss on hidden states
+- ``leafe-fast``        packed varlen micro-batches (best-fit-decreasing, --token-budget tokens), our varlen
+                        attention, Liger RMSNorm and SwiGLU when installed, fused LEAFE loss on hidden states
 - ``hf-padded-eager``   HF model (SDPA), padded batches of --hf-batch samples, labels -100, HF's own loss
                         (full [B, T, V] logits, eager cross-entropy)
 - ``hf-packed-eager``   HF model (SDPA), the same padding-free rows as below, HF's own loss (full logits)
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks.common import env_info, save_plot, write_result
+    from benchmarks.common import env_info, save_plot, sync, time_fn, write_result
 except ImportError:  # run as a plain script from benchmarks/
-    from common import env_info, save_plot, write_result  # type: ignore[no-redef]
+    from common import env_info, save_plot, sync, time_fn, write_result  # type: ignore[no-redef]
 
 from leafe_fast.data.columns import Sample, SampleColumns
 from leafe_fast.train.metrics import measure_matmul_flops
@@ -85,11 +85,6 @@ def leafe_samples(n: int, vocab: int, min_len: int, max_len: int, seed: int = 0)
         ids = rng.integers(0, vocab, size=L).astype(np.int32)
         out.append(Sample(ids, mask, group=int(rng.random() < 0.3), weight=1.0, tree_id=j // 4))
     return SampleColumns.from_samples(out)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -136,7 +131,7 @@ def _measure(prepared: dict[str, dict[str, Any]], warmup: int, device: torch.dev
         for fn in res["steps"][:warmup]:
             _, loss = fn()
             res["first_loss"] = loss if res["first_loss"] is None else res["first_loss"]
-    _sync(device)
+    sync(device)
     rounds = max(len(r["steps"]) for r in prepared.values()) - warmup
     for i in range(rounds):
         for res in prepared.values():
@@ -144,7 +139,7 @@ def _measure(prepared: dict[str, dict[str, Any]], warmup: int, device: torch.dev
                 continue
             t0 = time.perf_counter()
             n, loss = res["steps"][warmup + i]()
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             res["tokens"] += n
             res["seconds"] += dt
@@ -166,10 +161,10 @@ def run_leafe(args, cfg, samples, device, dtype) -> dict[str, Any]:
     from leafe_fast.train import TrainConfig, Trainer, load_model
 
     model = load_model(cfg, dtype=dtype, precision=args.precision, device=device, liger="auto", seed=args.seed)
-    trainer = Trainer(model, samples, TrainConfig(max_steps=10**6, token_budget=args.budget, grad_accum=1, lr=1e-5,
+    trainer = Trainer(model, samples, TrainConfig(max_steps=10**6, token_budget=args.token_budget, grad_accum=1, lr=1e-5,
                                                   activation_checkpointing=args.ac, progress=False,
                                                   peak_flops=None, max_grad_norm=1.0, precision=args.precision))
-    mbs = pack(samples, args.budget, seed=args.seed).micro_batches
+    mbs = pack(samples, args.token_budget, seed=args.seed).micro_batches
     need = args.warmup + args.steps
     mbs = (mbs * math.ceil(need / len(mbs)))[:need]
 
@@ -182,7 +177,7 @@ def run_leafe(args, cfg, samples, device, dtype) -> dict[str, Any]:
     from leafe_fast.train.attention import select_backend
 
     return {"steps": [step(mb) for mb in mbs], "liger_applied": bool(getattr(model, "leafe_liger", False)),
-            "attention": select_backend(device, num_tokens=args.budget), "micro_batch_tokens": args.budget}
+            "attention": select_backend(device, num_tokens=args.token_budget), "micro_batch_tokens": args.token_budget}
 
 
 def _hf_model(cfg, device, dtype, ac, seed, attn="sdpa"):
@@ -261,7 +256,7 @@ def run_hf_packed(args, cfg, samples, device, dtype, liger: bool = False) -> dic
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=True)
     opt = _optimizer(model, device)
-    packs = pack(samples, args.budget, seed=args.seed).micro_batches
+    packs = pack(samples, args.token_budget, seed=args.seed).micro_batches
     need = args.warmup + args.steps
     packs = (packs * math.ceil(need / len(packs)))[:need]
 
@@ -282,7 +277,7 @@ def run_hf_packed(args, cfg, samples, device, dtype, liger: bool = False) -> dic
             return len(ids), float(out.loss.detach())
         return fn
 
-    return {"steps": [step(mb) for mb in packs], "micro_batch_tokens": args.budget, "liger_applied": liger}
+    return {"steps": [step(mb) for mb in packs], "micro_batch_tokens": args.token_budget, "liger_applied": liger}
 
 
 PEERS = {"leafe-fast": run_leafe, "hf-padded-eager": run_hf_padded, "hf-packed-eager": run_hf_packed,
@@ -296,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="number of samples")
     p.add_argument("--min-len", type=int, default=None)
     p.add_argument("--max-len", type=int, default=None)
-    p.add_argument("--budget", type=int, default=None, help="tokens per packed micro-batch")
+    p.add_argument("--token-budget", type=int, default=None, help="tokens per packed micro-batch")
     p.add_argument("--hf-batch", type=int, default=4, help="samples per padded batch of the HF peer")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per peer")
@@ -310,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: trie vs flat layout on LEAFE-shaped trees (train_trie_<device>.json)")
     p.add_argument("--trees", type=int, default=None, help="--trie: number of synthetic trees")
     args = p.parse_args(argv)
+    names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown or not names:
+        p.error(f"--peers: unknown peer(s) {unknown or [args.peers]}; choose from {','.join(PEERS)}")
     if args.trie:
         return run_trie(args)
 
@@ -319,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.precision = resolve_precision(args.precision, device)
     dtype = master_dtype(args.precision)  # parameter dtype of every peer (fp32 masters for bf16-mixed)
-    defaults = (dict(config="qwen2.5-1.5b", samples=48, min_len=2048, max_len=8192, budget=16384, warmup=2, steps=6)
-                if cuda else dict(config="tiny", samples=32, min_len=128, max_len=768, budget=1024, warmup=1,
+    defaults = (dict(config="qwen2.5-1.5b", samples=48, min_len=2048, max_len=8192, token_budget=16384, warmup=2, steps=6)
+                if cuda else dict(config="tiny", samples=32, min_len=128, max_len=768, token_budget=1024, warmup=1,
                                   steps=10))
     for k, v in defaults.items():
         if getattr(args, k.replace("-", "_")) is None:
@@ -350,7 +349,6 @@ def main(argv: list[str] | None = None) -> int:
           f"peak {peak / 1e12:.2f} TFLOP/s ({peak_kind})")
 
     results: dict[str, Any] = {}
-    names = args.peers.split(",")
     interleave = not cuda  # GPU: one peer at a time (memory); CPU: all at once, steps interleaved
     groups = [names] if interleave else [[n] for n in names]
     for group in groups:
@@ -412,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"samples": len(samples), "min_len": int(lengths.min()), "max_len": int(lengths.max()),
                  "mean_len": float(lengths.mean()), "target_share": target_share,
                  "counterfactual_share": float(np.mean(samples.group == 1))},
-        "budget": args.budget, "hf_batch": args.hf_batch, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "token_budget": args.token_budget, "hf_batch": args.hf_batch, "warmup_steps": args.warmup, "timed_steps": args.steps,
         "timing": "peers interleaved step by step (CPU)" if interleave else "one peer after another",
         "results": results,
         "speedup_vs_best_peer": ratio,
@@ -441,10 +439,8 @@ def run_trie(args: argparse.Namespace) -> int:
     from leafe_fast.train.attention import measured_backends
 
     try:
-        from benchmarks.common import time_fn
         from benchmarks.trie_data import TreeShape, leafe_trees
     except ImportError:
-        from common import time_fn  # type: ignore[no-redef]
         from trie_data import TreeShape, leafe_trees  # type: ignore[no-redef]
 
     cuda = torch.cuda.is_available() and not args.small
@@ -453,9 +449,9 @@ def run_trie(args: argparse.Namespace) -> int:
 
     precision = resolve_precision(args.precision, device)
     if cuda:
-        config, shape, budget, trees = args.config or "qwen2.5-0.5b", TreeShape(), args.budget or 32768, args.trees or 16
+        config, shape, budget, trees = args.config or "qwen2.5-0.5b", TreeShape(), args.token_budget or 32768, args.trees or 16
     else:  # LEAFE-shaped but scaled to what two shared cores train in minutes
-        config, budget, trees = args.config or "tiny", args.budget or 4096, args.trees or 12
+        config, budget, trees = args.config or "tiny", args.token_budget or 4096, args.trees or 12
         shape = TreeShape(steps=(6, 10), step_tokens=(40, 100), prompt_tokens=(100, 200), continue_steps=(2, 5),
                           vocab=8192)
     cfg = make_config(config)

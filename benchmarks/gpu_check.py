@@ -129,7 +129,7 @@ def part_train(dry: bool, config: str, timeout: float, out_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--name", str(path.with_suffix(""))]
     if dry:
         cmd += ["--small", "--samples", "6", "--steps", "1", "--warmup", "0", "--min-len", "96", "--max-len", "200",
-                "--budget", "256", "--peers", "leafe-fast,hf-padded-eager"]
+                "--token-budget", "256", "--peers", "leafe-fast,hf-padded-eager"]
     else:
         cmd += ["--config", config, "--steps", "4", "--warmup", "1",
                 "--peers", "leafe-fast,hf-padded-eager,hf-liger-packed"]

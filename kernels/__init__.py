@@ -4,8 +4,9 @@ Import-safe without a GPU: kernels run on CUDA, or on the CPU under ``TRITON_INT
 
 - ``leafe_ce_operands`` the operand record (``LossHead``) and ``GradNeeds`` every op set takes.
 - ``leafe_ce_triton``   fused LM head + cross-entropy over selected rows: the "chunked" gradient-in-forward
-                        schedule (cuBLAS + a Triton row kernel) and the recompute schedules ("gemm",
-                        "atomic"); ``smoke_test()`` runs the forward kernel once on a tiny shape.
+                        schedule (cuBLAS + a Triton row kernel; the CUDA default, ``impl="auto"``) and
+                        the forward + recompute-backward schedules ("triton_gemm", "triton_atomic");
+                        ``smoke_test()`` runs the forward kernel once on a tiny shape.
 - ``leafe_ce_torch``    the chunked schedule in torch (CPU path; fp32 math).
 - ``leafe_ce_autograd`` the autograd Functions and the named implementations (``IMPLS``) that
                         ``leafe_fast.loss`` builds on.

@@ -1,6 +1,6 @@
 """The ``leafe-fast`` command: one subcommand per pipeline stage.
 
-    leafe-fast explore | build-data | train | eval | demo | bench   (each with --help)
+    leafe-fast explore | build-data | train | eval | demo | bench | repro   (each with --help)
 
 Layout: each subcommand lives in the module that owns its stage (``COMMANDS`` below); that module
 defines ``add_arguments(parser)`` and ``run(args) -> int``, and its flags are generated from its

@@ -1,7 +1,7 @@
 """``leafe-fast demo``: the whole LEAFE pipeline on the CPU with a tiny random model, in minutes.
 
     leafe-fast demo                          # defaults: about a minute on a 2-core CPU
-    leafe-fast demo --tasks 2 --eval-tasks 2 --n 2 --train-steps 2 --warmup-steps 2   # smoke run
+    leafe-fast demo --tasks 2 --eval-tasks 2 --n 2 --train-steps 2 --format-sft-steps 2   # smoke run
 
 What it does, in order (everything under ``--out``, default ``runs/demo``):
 
@@ -58,7 +58,9 @@ class DemoConfig:
     max_branches: int = field(default=4, metadata={"help": "rollbacks per explored level", "min": 0})
     reflect_every: int = field(default=3, metadata={
         "help": "periodic reflection every K steps of a branch (0: only when an attempt ends)", "min": 0})
-    warmup_steps: int = field(default=60, metadata={"help": "format warm-up SFT steps, 0 to skip", "min": 0})
+    format_sft_steps: int = field(default=60, metadata={
+        "help": "SFT steps on random walks before LEAFE that teach the answer format (not LR warm-up), 0 to skip",
+        "min": 0})
     train_steps: int = field(default=16, metadata={"help": "Stage-2 training steps", "min": 1})
     lr: float = field(default=1e-3, metadata={"help": "Stage-2 learning rate", "min": 0.0})
     token_budget: int = field(default=4096, metadata={"help": "tokens per packed micro-batch", "min": 2})
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("tasks", "eval_tasks", "n", "max_episode_steps", "train_steps", "threads"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}", f"must be >= 1, got {getattr(config, name)}")
-    for name in ("warmup_steps", "max_branches", "reflect_every"):
+    for name in ("format_sft_steps", "max_branches", "reflect_every"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')}", f"must be >= 0, got {getattr(config, name)}")
     import torch
@@ -172,14 +174,14 @@ def run_demo(args: DemoConfig) -> dict[str, Any]:
 
     # -- 0. format warm-up -------------------------------------------------------------------------
     warmup_report: dict[str, Any] = {"steps": 0}
-    if args.warmup_steps:
+    if args.format_sft_steps:
         t0 = time.perf_counter()
         val_tasks = list_tasks("sokoban", "val", max(4, args.tasks), seed=args.seed, **level_kwargs)
         walks = random_walk_samples(env, chat, val_tasks, walks_per_task=4, steps=min(8, args.max_episode_steps),
                                     seed=args.seed)
         # One walk per micro-batch: short packs keep the CPU attention (quadratic in the pack) cheap.
         budget = -(-max(len(w) for w in walks) // 256) * 256
-        warmup_report = train(walks, args.warmup_steps, 5e-3, "warmup", warmup=0, budget=budget)
+        warmup_report = train(walks, args.format_sft_steps, 5e-3, "warmup", warmup=0, budget=budget)
         warmup_report["samples"] = len(walks)
         stage("warmup", t0)
 
@@ -334,7 +336,7 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if r["warmup"].get("steps"):
         w = r["warmup"]
-        lines.append(f"0 warm-up (action format only): {w['steps']} steps, loss {w['first_loss']:.3f} -> {w['final_loss']:.3f}")
+        lines.append(f"0 format SFT (action format only): {w['steps']} steps, loss {w['first_loss']:.3f} -> {w['final_loss']:.3f}")
     lines += [
         f"1 before: {len(r['tasks']['test'])} test levels x {r['config']['n']}: {pk(r['eval_before'])}",
         f"2 explore ({x['mode']}, reflector {x['reflector']}"

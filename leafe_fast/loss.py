@@ -78,7 +78,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Every option of the LEAFE loss, in one place (also the ``--lambdas`` ... ``--loss-impl`` CLI flags).
+    """Every option of the LEAFE loss, in one place (also the ``--lambdas`` ... ``--impl`` CLI flags).
 
     ``lambdas`` is normalised to a tuple of floats, ``softcap=0`` to None; invalid values raise
     ``UserError`` naming the field.

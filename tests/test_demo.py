@@ -14,7 +14,7 @@ from leafe_fast.data import SampleColumns, read_trees
 def test_demo_quick_mode_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--tasks", "3", "--eval-tasks", "2", "--n", "2", "--k", "1,2,8",
-            "--max-episode-steps", "12", "--max-branches", "2", "--warmup-steps", "12", "--train-steps", "2",
+            "--max-episode-steps", "12", "--max-branches", "2", "--format-sft-steps", "12", "--train-steps", "2",
             "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -63,8 +63,8 @@ class Node:
     experience: str | None = None
     rollback_from: int | None = None  # node whose reflection created this branch (None: not a branch start)
     branch: int = 0  # 0 = the first rollout, k = the k-th branch (or independent rollout) of the task
-    invalid: bool = False  # the env flagged the action invalid (StepResult.info["invalid"]): unparseable
-    noop: bool = False  # the env flagged it a no-op (info["noop"]): valid but changed nothing (a wall bump)
+    invalid: bool = False  # the env flagged the action invalid (info["invalid"]): unparseable, or refused (a wall bump)
+    noop: bool = False  # the env flagged it a no-op (info["noop"]): the state did not change
     parsed_action: str | None = None  # the env's canonical reading of the action (info["action"]), if any
     truncated: bool = False  # generation stopped at the action token limit, not at an end-of-turn token
 

@@ -29,8 +29,9 @@ class Task:
 class StepResult:
     """One step's outcome. ``info`` keys the pipeline reads (all optional):
 
-    - ``"invalid"`` (bool): the action could not be parsed or is not a legal action at all;
-    - ``"noop"`` (bool): a valid action that changed nothing (walking into a wall);
+    - ``"invalid"`` (bool): the action could not be parsed, or is a move the rules refuse (Sokoban: a
+      bump into a wall or into a box that cannot move);
+    - ``"noop"`` (bool): the state did not change (every refused move is also a no-op);
     - ``"action"`` (str): the env's canonical reading of the action (e.g. ``"up"`` for "Move up.").
 
     Stage 2 masks ``invalid``/``noop`` actions out of the targets where the env's registry entry asks

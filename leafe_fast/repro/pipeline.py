@@ -4,7 +4,7 @@
       random_walk.json                 the split's floor (no model)
       base/model/ + base/base.json     behaviour-cloned base policy (cached: arms rerun alone)
       gate.json                        continuation success with vs without experience
-      arms/<arm>/seed<s>/              trees.jsonl, samples, model/, train.json, eval.json
+      arms/<arm>/seed<s>/              trees.jsonl, explore.json, model/, arm.json
       result.json                      everything, aggregated (also copied to benchmarks/results/)
 
 Arms (all from the same base, same optimizer steps and learning rate, data from the recipes of

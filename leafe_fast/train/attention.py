@@ -4,8 +4,10 @@ A packed micro-batch is one row ``[1, T]`` holding several samples back to back;
 where each starts. Attention must stay inside a sample. We register one attention function under the
 name :data:`VARLEN_ATTENTION`; a model built with ``attn_implementation=VARLEN_ATTENTION`` keeps its stock
 code, and its forward hands ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` through
-``**kwargs`` to us. Our mask builder (:func:`varlen_mask`) returns None unless the batch has padding, so
-a packed row never gets a [T, T] mask built for it (``attention_mask`` arrives as None).
+``**kwargs`` to us. A packed row never gets a [T, T] mask built for it: ``packed_hidden_states``
+hands the model an empty 4-D placeholder (:func:`packed_row_mask`), which transformers passes through as already prepared,
+so ``attention_mask`` arrives as that placeholder and we read it as "no mask". Called with a 2-D mask
+instead, our mask builder (:func:`varlen_mask`) returns None unless the batch has padding.
 
 Backends, fastest first (``select_backend``):
 

@@ -46,7 +46,7 @@ class ModelLoadConfig:
     attn: str = field(default="auto", metadata={
         "help": "attention backend", "choices": ("auto", "flash_attn", "torch_varlen", "sdpa_mask", "loop")})
     liger: str = field(default="auto", metadata={
-        "help": "Liger RMSNorm/RoPE/SwiGLU kernels (auto: on CUDA when installed)", "choices": ("auto", "on", "off")})
+        "help": "Liger RMSNorm and SwiGLU kernels (auto: on CUDA when installed)", "choices": ("auto", "on", "off")})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

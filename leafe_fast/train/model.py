@@ -67,7 +67,7 @@ def load_model(
     init with ``seed``). attn: "auto" (our varlen attention, fastest backend), one of the varlen backends
     ("flash_attn", "torch_varlen", "sdpa_mask", "loop") to force it, or a stock transformers name
     ("sdpa", "eager") for unpacked use. tree_attn: the backend of trie batches, "auto" (flex on CUDA, measured
-    on the CPU) or one of ``TREE_BACKENDS``. Both choices belong to this model only. liger: apply Liger RMSNorm/RoPE/SwiGLU ("auto": on CUDA if installed).
+    on the CPU) or one of ``TREE_BACKENDS``. Both choices belong to this model only. liger: apply Liger RMSNorm and SwiGLU ("auto": on CUDA if installed).
     dtype: the parameter dtype; None/"auto" takes it from ``precision`` (see
     :mod:`leafe_fast.train.precision`): fp32 master weights for "bf16-mixed" (the CUDA default) and
     "fp32", bf16 for "bf16-pure".
