@@ -258,7 +258,7 @@ def test_cli_surface_is_frozen():
 RETIRED = {"--budget": "--token-budget", "--steps": "--max-steps", "--train-steps-total": "--max-steps",
            "--tiny-family": "--tiny-style", "--warmup": "--warmup-steps", "--env-kwargs": "--env-arg",
            "--output": "--out", "--output-dir": "--out", "--no-export": "--export/--no-export"}
-LONE_NO_FLAGS_LEFT = {("repro", "--no-progress")}  # to become --progress/--no-progress (helper G); keep it empty
+LONE_NO_FLAGS_LEFT: set[tuple[str, str]] = set()  # keep it empty: a bool flag is --x/--no-x
 
 
 def test_flag_names_follow_one_scheme():
