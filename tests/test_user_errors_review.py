@@ -352,3 +352,31 @@ def test_a_binary_file_as_trees_gets_one_error_and_no_partial_line_warning(tmp_p
     good.write_text(_tree().to_json() + "\n" + _tree("b").to_json()[:20])  # a killed append: still warned
     with pytest.warns(RuntimeWarning, match="t.jsonl:2: skipping an unterminated"):
         assert [t.task_id for t in read_trees(good)] == ["a"]
+
+
+# --- an env whose optional package or data is missing -----------------------------------------------
+def test_an_env_without_its_package_or_data_is_one_line(tmp_path, capsys, monkeypatch, no_model):
+    import leafe_fast.envs.registry as registry
+
+    def no_data(**kwargs):
+        raise FileNotFoundError("no games under data/train; run the-download-script")
+
+    def no_package(**kwargs):
+        raise ImportError("the fake env needs the package 'fakepkg'", name="fakepkg")
+
+    def our_bug(**kwargs):
+        raise ImportError("cannot import name 'x' from 'leafe_fast.envs.base'", name="leafe_fast.envs.base")
+
+    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
+    registry.register_env("nodata", lambda **k: object(), no_data)
+    registry.register_env("nopkg", no_package, lambda **k: [])
+    registry.register_env("buggy", our_bug, lambda **k: [])
+    argv = ["--model", "tiny", "--tasks", "1", "--out", str(tmp_path / "t.jsonl")]
+    assert main(["explore", "--env", "nodata", *argv]) == 2
+    assert "--env nodata: no games under data/train" in _one_error_line(capsys, "explore")
+    model = _fake_model_dir(tmp_path / "model")
+    assert main(["eval", "--model", str(model), "--env", "nopkg", "--tasks", "1"]) == 2
+    assert "--env nopkg: the fake env needs the package 'fakepkg'" in _one_error_line(capsys, "eval")
+    with pytest.raises(ImportError):  # a broken import of our own stays a traceback
+        main(["eval", "--model", str(model), "--env", "buggy", "--tasks", "1"])
+    assert not (tmp_path / "t.jsonl").exists()

@@ -140,6 +140,8 @@ def env_from_flags(name: str, kwargs: dict[str, Any]) -> Env:
         if isinstance(e, UserError):
             raise
         raise UserError("--env-arg", f"{name}: {e}", "see the env's constructor for the values it takes") from None
+    except (ImportError, FileNotFoundError) as e:
+        raise _setup_error(name, e) from None
 
 
 def tasks_from_flags(name: str, split: str, n: int, seed: int, kwargs: dict[str, Any]) -> list[Task]:
@@ -153,9 +155,21 @@ def tasks_from_flags(name: str, split: str, n: int, seed: int, kwargs: dict[str,
         if isinstance(e, UserError):
             raise
         raise UserError("--task-arg", f"{name} tasks: {e}", "see the env's task list for the values it takes") from None
+    except (ImportError, FileNotFoundError) as e:
+        raise _setup_error(name, e) from None
     if not tasks:
         raise UserError("--split", f"environment {name!r} has no {split!r} tasks", "choose another split")
     return tasks
+
+
+def _setup_error(name: str, e: ImportError | FileNotFoundError) -> Exception:
+    """An env whose optional package or data is not installed: the env's own message, as one line. An
+    import failing inside leafe_fast itself is a bug and keeps its traceback."""
+    from leafe_fast.errors import UserError
+
+    if isinstance(e, ImportError) and (e.name or "").startswith("leafe_fast"):
+        return e
+    return UserError(f"--env {name}", f"{e}", "install what it names, or choose another --env")
 
 
 # ---------------------------------------------------------------------------- built-ins
