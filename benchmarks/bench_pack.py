@@ -64,16 +64,23 @@ def make_columns(lengths: np.ndarray, rng: np.random.Generator) -> SampleColumns
 
 
 def timed(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None) -> tuple[list[float], Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        out = None
+    """``common.time_fn`` on the host clock, no warm-up: every run's seconds and the last run's output.
+
+    Before each run (untimed) the previous output is dropped, garbage collected, then ``before`` runs
+    (e.g. dropping the output pool for a cold run)."""
+    box: dict[str, Any] = {}
+
+    def setup() -> None:
+        box.clear()
         gc.collect()
-        if before is not None:  # untimed set-up, e.g. dropping the output pool for a cold run
+        if before is not None:
             before()
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return times, out
+
+    def call() -> None:
+        box["out"] = fn()
+
+    t = time_fn(call, warmup=0, iters=repeats, before=setup, host=True)
+    return [ms / 1e3 for ms in t["runs_ms"]], box.get("out")
 
 
 def summary(times: list[float]) -> dict[str, Any]:

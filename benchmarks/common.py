@@ -72,18 +72,23 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> dict[str, float]:
-    """Median wall time of ``fn()`` in milliseconds (CUDA-synchronised), plus spread.
+def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10, *,
+            before: Callable[[], Any] | None = None, host: bool = False) -> dict[str, Any]:
+    """Median wall time of ``fn()`` in milliseconds (CUDA-synchronised), plus spread and every run.
 
     Warm-up calls are dropped (compilation, autotuning, allocator growth). On CUDA each call is timed
-    with events; on the CPU with ``perf_counter``.
+    with events; on the CPU, or with ``host=True`` (host-only work such as packing), with ``perf_counter``.
+    ``before`` runs untimed ahead of every timed call (e.g. dropping a cache for a cold run).
+    ``runs_ms`` lists the timed calls in call order.
     """
     for _ in range(max(0, warmup)):
         fn()
     sync()
     times: list[float] = []
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not host
     for _ in range(max(1, iters)):
+        if before is not None:
+            before()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -95,9 +100,11 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, iters: int = 10) -> dict[str
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    runs = list(times)
     times.sort()
     n = len(times)
     return {
+        "runs_ms": runs,
         "median_ms": statistics.median(times),
         "p20_ms": times[int(0.2 * (n - 1))],
         "p80_ms": times[int(0.8 * (n - 1))],
