@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, NoReturn, Sequence
@@ -90,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     chosen = _chosen(argv)
     label = f"{PROG} {chosen}" if chosen in COMMANDS else PROG
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (  # one line, no source path and code line
+        f"{label}: warning: {' '.join(str(message).split())}\n")
     try:
         args = build_parser([chosen] if chosen in COMMANDS else []).parse_args(argv)
         return int(load_command(args._command).run(args) or 0)
@@ -106,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{label}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 # --- the frozen CLI surface ----------------------------------------------------------------------

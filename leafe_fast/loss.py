@@ -120,6 +120,9 @@ class LossOptions:
                             "pass e.g. (1.0, 1.0)") from None
         if not lam:
             raise UserError(f"{where}.lambdas", "is empty", "give one multiplier per group")
+        if any(not (x >= 0 and x < float("inf")) for x in lam):  # also nan
+            raise UserError(f"{where}.lambdas (--lambdas)", f"must be finite and >= 0, got {lam}",
+                            "a negative multiplier would maximise that group's loss; 0 leaves a group out")
         object.__setattr__(self, "lambdas", lam)
         if self.softcap is not None:
             if self.softcap < 0:

@@ -380,3 +380,83 @@ def test_an_env_without_its_package_or_data_is_one_line(tmp_path, capsys, monkey
     with pytest.raises(ImportError):  # a broken import of our own stays a traceback
         main(["eval", "--model", str(model), "--env", "buggy", "--tasks", "1"])
     assert not (tmp_path / "t.jsonl").exists()
+
+
+# --- train: compute options and paths checked before the model loads (after 16:35, owners done) --------
+def _samples(tmp_path):
+    from leafe_fast.data import Sample
+
+    path = tmp_path / "s.npz"
+    SampleColumns.from_samples([Sample(np.array([1, 2, 3]), np.array([0, 0, 1], bool))]).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--device", "tpu"], "--device: 'tpu' is not a torch device"),
+    (["--fsdp", "true"], "--fsdp true: needs a process group"),
+    (["--lambdas", "-1", "1"], "must be finite and >= 0"),
+])
+def test_train_mistakes_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, words):
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "run"
+    assert main(["train", "--samples", str(_samples(tmp_path)), "--model", "tiny", "--out", str(out), *extra]) == 2
+    assert words in _one_error_line(capsys, "train")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--impl", "triton_gemm"], "--impl triton_gemm: the Triton kernels need CUDA"),
+    (["--liger", "on"], "--liger on: Liger's Triton kernels need CUDA"),
+])
+def test_train_cuda_only_options_on_the_cpu(tmp_path, capsys, monkeypatch, extra, words):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    argv = ["train", "--samples", str(_samples(tmp_path)), "--model", "tiny", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, *extra]) == 2
+    assert words in _one_error_line(capsys, "train")
+    assert not out.exists()
+
+
+def test_train_out_and_model_paths(tmp_path, capsys):
+    samples = _samples(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        assert main(["train", "--samples", str(samples), "--model", "tiny", "--out", str(out)]) == 2
+        assert "--out" in _one_error_line(capsys, "train")
+    model = _fake_model_dir(tmp_path / "model", weights=False)
+    assert main(["train", "--samples", str(samples), "--model", str(model), "--out", str(tmp_path / "run")]) == 2
+    assert "has no weights" in _one_error_line(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_warnings_are_one_line(tmp_path, capsys):
+    import warnings
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(_tree().to_json() + "\n" + '{"cut off')
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, l, file=None, line=None: print(
+            warnings.formatwarning(m, c, f, l), end="", file=__import__("sys").stderr)
+        assert main(["build-data", str(path), "--out", str(tmp_path / "s.npz"), "--recipe", "rehearsal-only"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("leafe-fast build-data: warning: ") and "skipping an unterminated" in err
+    assert err.count("\n") == 1 and "schema.py" not in err
+    assert warnings.formatwarning is before
+
+
+def test_resume_with_another_model_is_one_line(tmp_path, capsys):
+    samples = _samples(tmp_path)
+    out = tmp_path / "run"
+    base = ["train", "--samples", str(samples), "--out", str(out), "--token-budget", "64", "--no-progress",
+            "--no-export"]
+    assert main([*base, "--model", "tiny", "--max-steps", "1", "--save-every", "1"]) == 0
+    capsys.readouterr()
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    before = (ckpt / "state.pt").read_bytes()
+    assert main([*base, "--model", "tiny", "--tiny-style", "llama3", "--max-steps", "2", "--resume"]) == 2
+    line = _one_error_line(capsys, "train")
+    assert "was trained with another model" in line and "--tiny-style" in line
+    assert (ckpt / "state.pt").read_bytes() == before

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     extra, folder = _split_extra(list(args.extra), args.benchmarks_dir)
     folder = folder or find_benchmarks_dir()
     if folder is None:
-        raise UserError("leafe-fast bench", "no benchmarks/ folder found",
+        raise UserError("--benchmarks-dir", "no benchmarks/ folder found",
                         "the benchmarks ship with the source repository, not the installed package: "
                         "clone it and run from there, or pass --benchmarks-dir")
     folder = Path(folder)
@@ -94,15 +94,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:8s} {script}  {state}")
         return 0
     if args.name is None:
-        raise UserError("leafe-fast bench", "no benchmark named", f"pass one of {', '.join(BENCHMARKS)}, all, or --list")
+        raise UserError("name", "no benchmark named", f"pass one of {', '.join(BENCHMARKS)}, all, or --list")
     names = BENCHMARKS if args.name == "all" else (args.name,)
     if args.name == "all" and extra:
-        raise UserError("leafe-fast bench all", "script arguments differ per benchmark",
+        raise UserError("all", "script arguments differ per benchmark",
                         "run one benchmark with `leafe-fast bench NAME -- ARGS`")
     scripts = [folder / f"bench_{n}.py" for n in names]
     for script in scripts:
         if not script.is_file():
-            raise UserError("leafe-fast bench", f"{script} does not exist", "pass the checkout's benchmarks/ folder")
+            raise UserError("--benchmarks-dir", f"{script} does not exist", "pass the checkout's benchmarks/ folder")
     failed = []
     for name, script in zip(names, scripts):
         rc = _run_script(script, extra)

@@ -141,6 +141,21 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _check_same_model(path: Path, model: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """A checkpoint of another model (changed --model or --tiny-style) is the user's mistake: refused before
+    anything is restored, with the parameter names, not load_state_dict's traceback."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    reshaped = sorted(k for k in set(own) & set(saved)
+                      if hasattr(saved[k], "shape") and tuple(own[k].shape) != tuple(saved[k].shape))
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise UserError(f"--resume {path}", f"was trained with another model ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(reshaped)} reshaped parameters, e.g. {example})",
+                        "pass the --model (and --tiny-style) of that run, or start a new run in another --out")
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -159,7 +174,8 @@ def load_checkpoint(
     fix = (f"delete {path} to resume from an earlier checkpoint (the pointer falls back to the newest complete "
            "one), or pass --resume with another checkpoint directory")
     if not path.is_dir():
-        raise UserError(f"--resume {path}", "the checkpoint directory does not exist",
+        raise UserError(f"--resume {path}", "is not a checkpoint directory" if path.exists() else
+                        "the checkpoint directory does not exist",
                         "pass a step_* directory written by `leafe-fast train`, or --resume alone for the latest")
     if _is_dist():
         import torch.distributed.checkpoint as dcp
@@ -191,6 +207,7 @@ def load_checkpoint(
                        if (path / ".metadata").exists() else fix)
     if validate is not None:
         validate(state["train_state"])
+    _check_same_model(path, model, state["model"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -21,9 +21,11 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_file
 from leafe_fast.train.config import TrainConfig, part_classes
@@ -99,6 +101,18 @@ def _model_and_tokenizer(mc: ModelLoadConfig, model: str, precision: str, seed: 
     return net, tok
 
 
+def _check_compute(cfg: TrainConfig, mc: ModelLoadConfig, device) -> None:
+    """Options that need CUDA, checked before the model loads (else a traceback from deep inside)."""
+    if device.type == "cuda":
+        return
+    if str(cfg.loss.impl).startswith("triton") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"--impl {cfg.loss.impl}", f"the Triton kernels need CUDA, and this run is on {device.type}",
+                        "pass --impl auto (or torch) on the CPU")
+    if mc.liger == "on":
+        raise UserError("--liger on", f"Liger's Triton kernels need CUDA, and this run is on {device.type}",
+                        "pass --liger auto (or off) on the CPU")
+
+
 def run(args: argparse.Namespace) -> int:
     from leafe_fast.data.columns import SampleColumns
     from leafe_fast.train.distributed import cleanup, init_distributed
@@ -112,7 +126,19 @@ def run(args: argparse.Namespace) -> int:
     samples = SampleColumns.load(args.samples)
     if len(samples) == 0:
         raise UserError(f"--samples {args.samples}", "holds no samples", "rebuild it with `leafe-fast build-data`")
+    check_out_path(args.out, folder=True)
+    check_device(mc.device)
+    if args.model != "tiny" and os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, "config.json")):
+        check_model_dir(args.model, tokenizer=False)  # weights and a readable config, before loading
+    if cfg.compute.fsdp is True and "RANK" not in os.environ:
+        raise UserError("--fsdp true", "needs a process group, and this process was not started by torchrun",
+                        "launch with `torchrun --nproc-per-node N $(which leafe-fast) train ...`, or pass --fsdp auto")
+    if not sys.stderr.isatty():  # transformers' "Writing model shards" bar on export, like our own bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     dist_info = init_distributed(mc.device)
+    _check_compute(cfg, mc, dist_info.device)
     model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)
     trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
     summary = trainer.train()
