@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     chosen = _chosen(argv)
     label = f"{PROG} {chosen}" if chosen in COMMANDS else PROG
+    if not sys.stderr.isatty():  # transformers' weight loading/saving bars, quiet like our own (read at import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *a, **k: (  # one line, no source path and code line
         f"{label}: warning: {' '.join(str(message).split())}\n")

@@ -460,3 +460,27 @@ def test_resume_with_another_model_is_one_line(tmp_path, capsys):
     line = _one_error_line(capsys, "train")
     assert "was trained with another model" in line and "--tiny-style" in line
     assert (ckpt / "state.pt").read_bytes() == before
+
+
+# --- a model without a usable chat template; repro paths --------------------------------------------
+def test_a_tokenizer_without_a_chat_template_is_a_user_error():
+    from types import SimpleNamespace
+
+    from leafe_fast.data.chat import ChatFormat, ChatTemplateError
+
+    with pytest.raises(UserError, match="--model: tokenizer 'plain' has no chat_template") as info:
+        ChatFormat.from_tokenizer(SimpleNamespace(chat_template=None, name_or_path="plain"))
+    assert isinstance(info.value, ChatTemplateError) and isinstance(info.value, ValueError)
+
+
+def test_repro_paths_and_an_empty_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [(["--out", str(blocker)], "--out: "), (["--results-dir", str(blocker)], "--results-dir: "),
+             (["--model", str(tmp_path / "none")], "--model: "),
+             (["--report-only", "--out", str(tmp_path / "empty")], "--report-only: no finished stage")]
+    for argv, words in cases:
+        assert main(["repro", "--preset", "tiny", *argv]) == 2
+        assert words in _one_error_line(capsys, "repro")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no results written for nothing

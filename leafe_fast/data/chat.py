@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from leafe_fast.errors import UserError
+
 __all__ = ["ChatFormat", "ChatTemplateError"]
 
 # Probe contents: plain words whose tokenization is the same alone and inside a rendering.
@@ -33,8 +35,12 @@ _PROBE_USER = "Probe question."
 _PROBE_ANSWER = "Probe answer."
 
 
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot be applied one message at a time."""
+class ChatTemplateError(UserError):
+    """The tokenizer's chat template is missing or cannot be applied one message at a time: the model
+    chosen (``--model``) does not fit, a user's mistake reported as one line by the CLI."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("--model", problem, "use a chat/instruct model whose template renders message by message")
 
 
 def _as_ids(rendered: Any) -> list[int]:

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from leafe_fast.checks import check_model_dir, check_out_path
     from leafe_fast.errors import UserError
     from leafe_fast.repro.pipeline import Repro, _write_json
     from leafe_fast.repro.report import format_table, plot
@@ -73,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise UserError("--preset gpu", "no CUDA device is visible", "run it on a GPU machine, or use --preset cpu")
     out = config.out or Path("runs") / f"repro_{preset.name}"
+    check_out_path(out, "--out", folder=True)
+    check_out_path(config.results_dir, "--results-dir", folder=True)
+    if config.model is not None:
+        check_model_dir(config.model)
+    if config.report_only and not any(p.exists() for p in (out / "random_walk.json", out / "base" / "base.json")):
+        raise UserError("--report-only", f"no finished stage under {out}",
+                        "pass the --out of an earlier run, or run without --report-only")
     progress = config.progress and sys.stderr.isatty()
     repro = Repro(preset, out, progress=progress, model_dir=config.model)
     result = repro.report_only() if config.report_only else repro.run()

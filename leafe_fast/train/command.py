@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,10 +132,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg.compute.fsdp is True and "RANK" not in os.environ:
         raise UserError("--fsdp true", "needs a process group, and this process was not started by torchrun",
                         "launch with `torchrun --nproc-per-node N $(which leafe-fast) train ...`, or pass --fsdp auto")
-    if not sys.stderr.isatty():  # transformers' "Writing model shards" bar on export, like our own bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     dist_info = init_distributed(mc.device)
     _check_compute(cfg, mc, dist_info.device)
     model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)
