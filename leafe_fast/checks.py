@@ -7,7 +7,9 @@ transformers or torch after the environment and output file are already set up.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import IO, Any, Iterator
 
 from leafe_fast.errors import UserError
 
@@ -95,4 +97,37 @@ def check_out_path(path: str | Path, flag: str = "--out", *, folder: bool = Fals
     return path
 
 
-__all__ = ["check_model_dir", "check_device", "check_out_path"]
+def lock_or_refuse(f: IO[Any], where: str) -> None:
+    """Exclusive ``flock`` on the open file ``f`` (released when it closes or the process dies); held by
+    another run: a ``UserError`` naming ``where``. No lock where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no lock
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(where, "is in use by another run (locked)",
+                        "wait for that run to finish or pass a different --out") from None
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | Path, flag: str = "--out") -> Iterator[None]:
+    """Hold ``folder/.lock`` for a run that writes the folder, so a second run on it is refused instead
+    of interleaving checkpoints and metrics. A folder created here and left holding only the lock is
+    removed again (a run that failed before writing anything leaves nothing)."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    with open(lock, "a") as f:
+        try:
+            lock_or_refuse(f, f"{flag} {folder}")
+            yield
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:
+                lock.unlink()
+                folder.rmdir()
+
+
+__all__ = ["check_model_dir", "check_device", "check_out_path", "lock_or_refuse", "run_folder_lock"]

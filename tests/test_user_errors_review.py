@@ -484,3 +484,25 @@ def test_repro_paths_and_an_empty_report(tmp_path, capsys, monkeypatch):
         assert main(["repro", "--preset", "tiny", *argv]) == 2
         assert words in _one_error_line(capsys, "repro")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no results written for nothing
+
+
+# --- two train runs on one --out ------------------------------------------------------------------
+def test_a_second_run_on_a_locked_run_folder_is_refused(tmp_path, capsys):
+    """A concurrent `train --resume` on a running run's --out cut its metrics.jsonl and mixed checkpoints."""
+    from leafe_fast.checks import run_folder_lock
+
+    out = tmp_path / "run"
+    with run_folder_lock(out):
+        with pytest.raises(UserError, match="is in use by another run"):
+            with run_folder_lock(out):
+                pass
+        assert main(["train", "--samples", str(_samples(tmp_path)), "--model", "tiny", "--out", str(out),
+                     "--max-steps", "1"]) == 2
+        line = _one_error_line(capsys, "train")
+        assert f"--out {out}: is in use by another run" in line
+    assert not out.exists()  # created by the lock, left empty: removed
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with run_folder_lock(out):
+        pass
+    assert (out / "keep.txt").exists()  # a folder that existed is never removed

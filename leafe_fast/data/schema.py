@@ -31,6 +31,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from leafe_fast.checks import lock_or_refuse
 from leafe_fast.errors import UserError
 
 SCHEMA = "leafe.tree/1"
@@ -240,18 +241,6 @@ def _is_json(raw: bytes) -> bool:
     return True
 
 
-def _lock(f: Any, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX: no lock
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(str(path), "is in use by another run (locked)",
-                        "wait for that run to finish or pass a different --out") from None
-
-
 def read_trees(path: str | os.PathLike) -> list[Tree]:
     return list(iter_trees(path))
 
@@ -275,7 +264,7 @@ class TreeWriter:
         self._failed = False
         self._f = self.path.open("ab")
         try:
-            _lock(self._f, self.path)
+            lock_or_refuse(self._f, str(self.path))
             self.finished: set[str] = {t.task_id for t in iter_trees(self.path)}
             self._truncate_partial_tail()
         except BaseException:

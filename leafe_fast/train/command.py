@@ -18,13 +18,14 @@ exactly where it stopped (and refuses changed data settings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leafe_fast.checks import check_device, check_model_dir, check_out_path
+from leafe_fast.checks import check_device, check_model_dir, check_out_path, run_folder_lock
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_file
 from leafe_fast.train.config import TrainConfig, part_classes
@@ -104,7 +105,8 @@ def _check_compute(cfg: TrainConfig, mc: ModelLoadConfig, device) -> None:
     """Options that need CUDA, checked before the model loads (else a traceback from deep inside)."""
     if device.type == "cuda":
         return
-    if str(cfg.loss.impl).startswith("triton") and os.environ.get("TRITON_INTERPRET") != "1":
+    triton_impl = str(cfg.loss.impl).startswith("triton") or cfg.loss.impl == "chunked"  # chunked: a Triton row kernel
+    if triton_impl and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError(f"--impl {cfg.loss.impl}", f"the Triton kernels need CUDA, and this run is on {device.type}",
                         "pass --impl auto (or torch) on the CPU")
     if mc.liger == "on":
@@ -134,20 +136,22 @@ def run(args: argparse.Namespace) -> int:
                         "launch with `torchrun --nproc-per-node N $(which leafe-fast) train ...`, or pass --fsdp auto")
     dist_info = init_distributed(mc.device)
     _check_compute(cfg, mc, dist_info.device)
-    model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)
-    trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
-    summary = trainer.train()
-    if dist_info.is_main:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in summary.__dict__.items() if k != "losses"}
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-        os.replace(tmp, out / "summary.json")
-        if not cfg.progress:  # with progress on, Trainer.train has printed the summary line already
-            print(summary.to_text())
-        if summary.export:
-            print(f"train: model written to {summary.export}")
+    # one run per --out at a time (rank 0 holds the lock): a second one would interleave checkpoints and metrics
+    with run_folder_lock(args.out) if dist_info.is_main else contextlib.nullcontext():
+        model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)
+        trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
+        summary = trainer.train()
+        if dist_info.is_main:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            record = {k: v for k, v in summary.__dict__.items() if k != "losses"}
+            tmp = out / "summary.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+            os.replace(tmp, out / "summary.json")
+            if not cfg.progress:  # with progress on, Trainer.train has printed the summary line already
+                print(summary.to_text())
+            if summary.export:
+                print(f"train: model written to {summary.export}")
     cleanup()
     return 0
 
