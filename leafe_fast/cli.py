@@ -67,13 +67,15 @@ def build_parser(commands: Iterable[str] | None = None, *, load: bool = True) ->
     """The whole parser. Every subcommand is listed; only those in ``commands`` (all when None) get
     their flags, which imports their modules; ``load=False`` lists the subcommands without flags."""
     wanted = set(COMMANDS if commands is None else commands) if load else set()
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    # No abbreviations: `--max-branch` must not silently mean `--max-branches` (a flag added later would
+    # break it, and the frozen surface would not be the whole surface).
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     from leafe_fast import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         p.set_defaults(_command=name)
         if name in wanted:
             load_command(name).add_arguments(p)

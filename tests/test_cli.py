@@ -292,3 +292,16 @@ def test_dump_surface_prints_the_stored_format(capsys):
     dumped = json.loads(capsys.readouterr().out)
     assert set(dumped) == {"explore", "build-data", "train", "eval", "demo", "bench", "repro"}
     assert dumped["eval"]["--tasks"]["default"] == 16 and dumped["eval"]["--split"]["choices"] == ["train", "val", "test"]
+
+
+def test_flag_abbreviations_are_refused(capsys):
+    """`--max-branch` must not silently mean `--max-branches`: a later flag would change its meaning."""
+    from leafe_fast.cli import main
+
+    try:
+        rc = main(["explore", "--env", "sokoban", "--max-branch", "3"])
+    except SystemExit as exc:  # argparse errors leave through SystemExit(2)
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-branch" in err[0]

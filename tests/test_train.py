@@ -333,6 +333,16 @@ def test_resume_refuses_another_precision(tmp_path):
         _precision_run(cfg, samples, "fp32", steps=2, output_dir=str(tmp_path), resume=True)
 
 
+def test_resume_refuses_a_checkpoint_past_this_runs_last_step(tmp_path):
+    """A resume with fewer --max-steps than the checkpoint's step would train nothing and export the
+    checkpoint's later weights as this run's result: refused, naming the flag."""
+    tok, cfg = tiny("qwen2")
+    samples = random_samples(6, len(tok), seed=4)
+    _precision_run(cfg, samples, "fp32", steps=3, output_dir=str(tmp_path), save_every=3).train()
+    with pytest.raises(ValueError, match="--max-steps >= 3"):
+        _precision_run(cfg, samples, "fp32", steps=2, output_dir=str(tmp_path), resume=True)
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_training_tracks_cpu_fp32():
     """The GPU path (bf16-mixed and bf16-pure, fused AdamW, Triton loss on bf16 operands, flash/torch varlen

@@ -406,6 +406,7 @@ def test_train_mistakes_before_the_model_loads(tmp_path, capsys, monkeypatch, ex
 
 @pytest.mark.parametrize("extra, words", [
     (["--impl", "triton_gemm"], "--impl triton_gemm: the Triton kernels need CUDA"),
+    (["--impl", "chunked"], "--impl chunked: the Triton kernels need CUDA"),
     (["--liger", "on"], "--liger on: Liger's Triton kernels need CUDA"),
 ])
 def test_train_cuda_only_options_on_the_cpu(tmp_path, capsys, monkeypatch, extra, words):

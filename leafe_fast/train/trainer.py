@@ -523,6 +523,10 @@ class Trainer:
                 raise UserError(where, f"the checkpoint was trained with {name}={old!r}, this run has "
                                 f"{now[name]!r}: it would read a different packing", f"pass {flag} {old} or start "
                                 "a new run in another --out")
+        if st.get("step", 0) > self.total_steps:
+            # it would train 0 steps and export the checkpoint's (later) weights as this run's result
+            raise UserError(where, f"the checkpoint is at step {st['step']}, past this run's {self.total_steps} "
+                            "steps", f"pass --max-steps >= {st['step']} (or more --epochs), or start a new run")
         want = st.get("packing_fingerprint")
         if want is not None and self._plan(st["epoch"]).fingerprint != want:
             raise UserError(where, f"the samples pack differently from the ones the checkpoint was trained on "
