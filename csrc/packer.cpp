@@ -134,18 +134,28 @@ py::tuple count_targets_binding(In<uint8_t> mask, In<int64_t> offsets, In<int64_
   return py::make_tuple(kept, removed);
 }
 
+// The sample columns of a build call, checked once for both layouts.
+static SampleArrays sample_arrays(const In<int32_t>& tokens, const In<uint8_t>& mask, const In<int8_t>& group,
+                                  const In<float>& weight, const In<int64_t>& win_abs, const In<int64_t>& win_len) {
+  const py::ssize_t T_in = tokens.ndim() == 1 ? tokens.shape(0) : -1;
+  const py::ssize_t n = group.ndim() == 1 ? group.shape(0) : -1;
+  SampleArrays s;
+  s.tokens = ptr(tokens, -1, "tokens");
+  s.mask = ptr(mask, T_in, "target_mask");
+  s.group = ptr(group, -1, "group");
+  s.weight = ptr(weight, n, "weight");
+  s.win_abs = ptr(win_abs, n, "win_abs");
+  s.win_len = ptr(win_len, n, "win_len");
+  return s;
+}
+
 py::dict build_binding(In<int32_t> tokens, In<uint8_t> mask, In<int8_t> group, In<float> weight,
                        In<int64_t> win_abs, In<int64_t> win_len, In<int64_t> kept, In<int64_t> order,
                        In<int64_t> mb_offsets, int threads) {
-  const py::ssize_t T_in = tokens.ndim() == 1 ? tokens.shape(0) : -1;
   const py::ssize_t n = group.ndim() == 1 ? group.shape(0) : -1;
   BuildInputs in;
-  in.tokens = ptr(tokens, -1, "tokens");
-  in.mask = ptr(mask, T_in, "target_mask");
-  in.group = ptr(group, -1, "group");
-  in.weight = ptr(weight, n, "weight");
-  in.win_abs = ptr(win_abs, n, "win_abs");
-  in.win_len = ptr(win_len, n, "win_len");
+  static_cast<SampleArrays&>(in) = sample_arrays(tokens, mask, group, weight, win_abs, win_len);
+  const py::ssize_t T_in = tokens.shape(0);  // 1-D: checked by sample_arrays
   in.kept = ptr(kept, n, "kept");
   in.order = ptr(order, -1, "order");
   in.mb_offsets = ptr(mb_offsets, -1, "mb_offsets");
@@ -243,15 +253,10 @@ py::dict trie_chunks_binding(In<int32_t> tokens, In<uint8_t> mask, In<int64_t> w
 py::dict trie_build_binding(In<int32_t> tokens, In<uint8_t> mask, In<int8_t> group, In<float> weight,
                             In<int64_t> win_abs, In<int64_t> win_len, In<int64_t> members, In<int64_t> lcp,
                             In<int64_t> chunk_offsets, In<int64_t> order, In<int64_t> mb_offsets, int threads) {
-  const py::ssize_t T_in = tokens.ndim() == 1 ? tokens.shape(0) : -1;
   const py::ssize_t n = group.ndim() == 1 ? group.shape(0) : -1;
   TrieInputs in;
-  in.tokens = ptr(tokens, -1, "tokens");
-  in.mask = ptr(mask, T_in, "target_mask");
-  in.group = ptr(group, -1, "group");
-  in.weight = ptr(weight, n, "weight");
-  in.win_abs = ptr(win_abs, n, "win_abs");
-  in.win_len = ptr(win_len, n, "win_len");
+  static_cast<SampleArrays&>(in) = sample_arrays(tokens, mask, group, weight, win_abs, win_len);
+  const py::ssize_t T_in = tokens.shape(0);  // 1-D: checked by sample_arrays
   in.members = ptr(members, -1, "members");
   const py::ssize_t nm = members.shape(0);
   in.lcp = ptr(lcp, nm, "lcp");

@@ -53,13 +53,17 @@ struct BuildOutputs {
   int8_t* group;           // [M]
 };
 
-struct BuildInputs {
+// The samples' columns both layouts read (flat build and trie build).
+struct SampleArrays {
   const int32_t* tokens;
   const uint8_t* mask;
   const int8_t* group;       // per sample
   const float* weight;       // per sample
   const int64_t* win_abs;    // per sample: absolute offset of the kept window in tokens
   const int64_t* win_len;    // per sample
+};
+
+struct BuildInputs : SampleArrays {
   const int64_t* kept;       // per sample: targets inside the window
   const int64_t* order;      // plan order
   const int64_t* mb_offsets; // [B+1]
@@ -105,13 +109,7 @@ struct TrieOutputs {
   int64_t* sample_ids;    // [members] chunk members in id order, chunk after chunk
 };
 
-struct TrieInputs {
-  const int32_t* tokens;
-  const uint8_t* mask;
-  const int8_t* group;
-  const float* weight;
-  const int64_t* win_abs;
-  const int64_t* win_len;
+struct TrieInputs : SampleArrays {
   const int64_t* members;
   const int64_t* lcp;            // lcp[q] <= both lengths; the first member of a chunk is read as 0
   const int64_t* chunk_offsets;
