@@ -339,7 +339,7 @@ def test_resume_refuses_a_checkpoint_past_this_runs_last_step(tmp_path):
     tok, cfg = tiny("qwen2")
     samples = random_samples(6, len(tok), seed=4)
     _precision_run(cfg, samples, "fp32", steps=3, output_dir=str(tmp_path), save_every=3).train()
-    with pytest.raises(ValueError, match="--max-steps >= 3"):
+    with pytest.raises(ValueError, match="at step 3 and this run ends at step 2 .*--max-steps above 3"):
         _precision_run(cfg, samples, "fp32", steps=2, output_dir=str(tmp_path), resume=True)
 
 

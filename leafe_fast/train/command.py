@@ -114,6 +114,33 @@ def _check_compute(cfg: TrainConfig, mc: ModelLoadConfig, device) -> None:
                         "pass --liger auto (or off) on the CPU")
 
 
+def _check_attention(cfg: TrainConfig, mc: ModelLoadConfig, samples, device) -> None:
+    """An explicit ``--attn`` is used as asked or refused, never swapped for another backend mid-run: it must
+    run on this device, take this run's compute dtype, and be reached at all (trie batches use the tree
+    backends)."""
+    if mc.attn == "auto":
+        return
+    from leafe_fast.packing import resolve_layout
+    from leafe_fast.train.attention import available_backends
+    from leafe_fast.train.precision import resolve_precision
+
+    avail = available_backends(device)
+    where = f"--attn {mc.attn}"
+    if mc.attn not in avail:
+        need = {"flash_attn": "CUDA and the flash-attn package", "torch_varlen": "CUDA and torch >= 2.10"}
+        raise UserError(where, f"is not available on {device.type} here (it needs {need.get(mc.attn, 'CUDA')}); "
+                        f"available: {', '.join(avail)}", f"pass --attn auto (or one of {', '.join(avail)})")
+    precision = resolve_precision(cfg.compute.precision, device)
+    if mc.attn in ("flash_attn", "torch_varlen") and precision == "fp32":
+        raise UserError(where, "the flash kernels take bf16/fp16 inputs only, and this run computes in fp32 "
+                        f"(--precision {cfg.compute.precision})",
+                        "pass --precision bf16-mixed, or --attn sdpa_mask, loop or auto")
+    if resolve_layout(cfg.data.layout, samples.tree_id) == "trie":
+        raise UserError(where, "sets the attention of flat micro-batches, and these samples pack as prefix tries "
+                        f"(--layout {cfg.data.layout}{': they carry tree ids' if cfg.data.layout == 'auto' else ''}"
+                        "), whose attention is the tree backend", "pass --layout flat to use it, or --attn auto")
+
+
 def run(args: argparse.Namespace) -> int:
     from leafe_fast.data.columns import SampleColumns
     from leafe_fast.train.distributed import cleanup, init_distributed
@@ -136,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                         "launch with `torchrun --nproc-per-node N $(which leafe-fast) train ...`, or pass --fsdp auto")
     dist_info = init_distributed(mc.device)
     _check_compute(cfg, mc, dist_info.device)
+    _check_attention(cfg, mc, samples, dist_info.device)
     # one run per --out at a time (rank 0 holds the lock): a second one would interleave checkpoints and metrics
     with run_folder_lock(args.out) if dist_info.is_main else contextlib.nullcontext():
         model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)

@@ -523,10 +523,14 @@ class Trainer:
                 raise UserError(where, f"the checkpoint was trained with {name}={old!r}, this run has "
                                 f"{now[name]!r}: it would read a different packing", f"pass {flag} {old} or start "
                                 "a new run in another --out")
-        if st.get("step", 0) > self.total_steps:
-            # it would train 0 steps and export the checkpoint's (later) weights as this run's result
-            raise UserError(where, f"the checkpoint is at step {st['step']}, past this run's {self.total_steps} "
-                            "steps", f"pass --max-steps >= {st['step']} (or more --epochs), or start a new run")
+        if st.get("step", 0) >= self.total_steps:
+            # it would train 0 steps and re-export the checkpoint's (maybe later) weights as this run's result
+            ends = (f"--max-steps {self.config.max_steps}" if self.config.max_steps
+                    else f"--epochs {self.config.epochs:g}: {self.total_steps} steps")
+            raise UserError(where, f"the checkpoint is at step {st['step']} and this run ends at step "
+                            f"{self.total_steps} ({ends}): nothing is left to train",
+                            f"pass --max-steps above {st['step']} to train further, or start a new run in "
+                            "another --out")
         want = st.get("packing_fingerprint")
         if want is not None and self._plan(st["epoch"]).fingerprint != want:
             raise UserError(where, f"the samples pack differently from the ones the checkpoint was trained on "

@@ -1,0 +1,109 @@
+"""Remaining rough edges of `leafe-fast train` / `explore` / `eval` (helper P, after review R's "still open"
+list): each case is one line on stderr, exit 2, and the run folder as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train_utils import random_samples, tiny  # noqa: E402
+
+from leafe_fast.cli import main  # noqa: E402
+from leafe_fast.errors import UserError  # noqa: E402
+
+
+def _one_error_line(capsys, cmd: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"leafe-fast {cmd}: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes): "unchanged" means this dict is equal."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _samples_file(tmp_path: Path, n: int = 10, seed: int = 7) -> Path:
+    tok, _ = tiny("qwen2")
+    path = tmp_path / "samples.npz"
+    random_samples(n, len(tok), seed=seed).save(path)
+    return path
+
+
+def _train(samples: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--samples", str(samples), "--model", "tiny", "--out", str(out), "--token-budget", "64",
+                 "--no-progress", *extra])
+
+
+# --- 1. --resume with --max-steps at or below the checkpoint's step ----------------------------------------
+@pytest.mark.parametrize("max_steps", ["3", "2"])
+def test_resume_with_no_steps_left_is_refused_and_changes_nothing(tmp_path, capsys, max_steps):
+    """It used to train 0 steps, exit 0 and re-export final/ from the checkpoint (at the same or a later step)."""
+    samples, out = _samples_file(tmp_path), tmp_path / "run"
+    assert _train(samples, out, "--max-steps", "3", "--save-every", "1") == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert _train(samples, out, "--max-steps", max_steps, "--resume") == 2
+    line = _one_error_line(capsys, "train")
+    assert "step_00000003: the checkpoint is at step 3 and this run ends at step " + max_steps in line
+    assert f"(--max-steps {max_steps}): nothing is left to train; pass --max-steps above 3" in line
+    assert _snapshot(out) == before
+    # raising --max-steps continues the run
+    assert _train(samples, out, "--max-steps", "4", "--resume") == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+# --- 2. --attn a backend this run would not use -------------------------------------------------------------
+@pytest.mark.parametrize("attn, needs", [("flash_attn", "CUDA and the flash-attn package"),
+                                         ("torch_varlen", "CUDA and torch >= 2.10")])
+def test_attn_not_available_on_this_device_is_refused(tmp_path, capsys, attn, needs):
+    """`--attn flash_attn` on the CPU failed with a traceback from inside the first forward (and left a
+    metrics.jsonl); it must be refused before the model loads, naming what this device offers."""
+    samples, out = _samples_file(tmp_path), tmp_path / "run"
+    assert _train(samples, out, "--device", "cpu", "--attn", attn, "--layout", "flat", "--max-steps", "1") == 2
+    line = _one_error_line(capsys, "train")
+    assert f"--attn {attn}: is not available on cpu here (it needs {needs}); available: sdpa_mask, loop; " \
+           "pass --attn auto (or one of sdpa_mask, loop)" in line
+    assert not out.exists()
+
+
+def test_attn_on_trie_batches_is_refused_and_flat_runs(tmp_path, capsys):
+    """LEAFE samples carry tree ids, so --layout auto packs tries, whose attention is the tree backend: an
+    explicit --attn was silently never used."""
+    samples, out = _samples_file(tmp_path), tmp_path / "run"
+    assert _train(samples, out, "--device", "cpu", "--attn", "loop", "--max-steps", "1") == 2
+    line = _one_error_line(capsys, "train")
+    assert "--attn loop: sets the attention of flat micro-batches, and these samples pack as prefix tries " \
+           "(--layout auto: they carry tree ids)" in line and "pass --layout flat to use it, or --attn auto" in line
+    assert not out.exists()
+    assert _train(samples, out, "--device", "cpu", "--attn", "loop", "--layout", "flat", "--max-steps", "1",
+                  "--no-export") == 0
+    assert _train(samples, tmp_path / "auto", "--device", "cpu", "--max-steps", "1", "--no-export") == 0
+
+
+def test_flash_attn_with_fp32_compute_is_refused(monkeypatch):
+    """On CUDA, --precision fp32 hands the flash kernels fp32 inputs, which they refuse deep in the forward."""
+    import torch
+
+    import leafe_fast.train.attention as attention
+    from leafe_fast.train.command import ModelLoadConfig, _check_attention
+    from leafe_fast.train.config import TrainConfig
+
+    tok, _ = tiny("qwen2")
+    samples = random_samples(4, len(tok), seed=1)
+    monkeypatch.setattr(attention, "available_backends", lambda device: ["flash_attn", "sdpa_mask", "loop"])
+    cuda = torch.device("cuda")
+    flat = dict(layout="flat")
+    with pytest.raises(UserError, match=r"--attn flash_attn: the flash kernels take bf16/fp16 inputs only, and "
+                                        r"this run computes in fp32 \(--precision fp32\); pass --precision bf16"):
+        _check_attention(TrainConfig(precision="fp32", **flat), ModelLoadConfig(attn="flash_attn"), samples, cuda)
+    _check_attention(TrainConfig(**flat), ModelLoadConfig(attn="flash_attn"), samples, cuda)  # bf16-mixed: fine
+    with pytest.raises(UserError, match="--attn torch_varlen: is not available on cuda here"):
+        _check_attention(TrainConfig(**flat), ModelLoadConfig(attn="torch_varlen"), samples, cuda)
