@@ -107,3 +107,36 @@ def test_flash_attn_with_fp32_compute_is_refused(monkeypatch):
     _check_attention(TrainConfig(**flat), ModelLoadConfig(attn="flash_attn"), samples, cuda)  # bf16-mixed: fine
     with pytest.raises(UserError, match="--attn torch_varlen: is not available on cuda here"):
         _check_attention(TrainConfig(**flat), ModelLoadConfig(attn="torch_varlen"), samples, cuda)
+
+
+# --- 3. errors about the samples' contents name the samples file -------------------------------------------
+@pytest.mark.parametrize("case", ["group", "vocab"])
+def test_sample_content_errors_name_the_samples_file(tmp_path, capsys, case):
+    """They said `samples: ...`; from the CLI they must name the file that holds the bad sample."""
+    tok, _ = tiny("qwen2")
+    folder = tmp_path / "runs" / "x"
+    folder.mkdir(parents=True)
+    samples = folder / "samples.npz"
+    if case == "group":  # groups 0 and 1, but one lambda
+        random_samples(6, len(tok), seed=2).save(samples)
+        extra, words = ["--lambdas", "1"], ": a sample has group 1, but lambdas has 1 entries"
+    else:
+        random_samples(6, 10 * len(tok), seed=2).save(samples)
+        extra, words = [], " is outside the model's vocabulary"
+    assert _train(samples, tmp_path / "run", "--max-steps", "1", *extra) == 2
+    line = _one_error_line(capsys, "train")
+    assert line.startswith(f"leafe-fast train: error: {samples}: ") and words in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_without_a_path_keeps_saying_samples():
+    from leafe_fast.train import TrainConfig, Trainer, load_model
+
+    tok, cfg = tiny("qwen2")
+    samples = random_samples(6, len(tok), seed=2)
+    model = load_model(cfg, dtype="float32", device="cpu")
+    with pytest.raises(UserError, match=r"^samples: a sample has group 1, but lambdas has 1 entries"):
+        Trainer(model, samples, TrainConfig(max_steps=1, lambdas=(1.0,), progress=False, peak_flops=None))
+    with pytest.raises(UserError, match=r"^data/s\.npz: a sample has group 1"):
+        Trainer(model, samples, TrainConfig(max_steps=1, lambdas=(1.0,), progress=False, peak_flops=None),
+                samples_path="data/s.npz")

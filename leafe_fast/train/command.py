@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     # one run per --out at a time (rank 0 holds the lock): a second one would interleave checkpoints and metrics
     with run_folder_lock(args.out) if dist_info.is_main else contextlib.nullcontext():
         model, tok = _model_and_tokenizer(mc, args.model, cfg.compute.precision, cfg.data.seed, dist_info.device)
-        trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info)
+        trainer = Trainer(model, samples, cfg, tokenizer=tok, dist_info=dist_info, samples_path=args.samples)
         summary = trainer.train()
         if dist_info.is_main:
             out = Path(args.out)

@@ -166,6 +166,8 @@ class Trainer:
     ``seed + epoch`` (deterministic), so the data position saved in a checkpoint is just
     (epoch, micro-batch index); a resume checks that the packing it recomputes is the one the
     checkpoint was trained on (same data settings, same samples) and refuses otherwise.
+    ``samples_path``: the file the samples were read from; errors about their contents (a group outside
+    ``lambdas``, a token id outside the vocabulary) name it (``"samples"`` when None).
     """
 
     def __init__(
@@ -176,8 +178,11 @@ class Trainer:
         *,
         tokenizer: Any = None,
         dist_info: DistInfo | None = None,
+        samples_path: str | Path | None = None,
     ):
         self.config = cfg = config or TrainConfig()
+        # what errors about the samples' contents name: the file they came from (the CLI passes it), else "samples"
+        self.samples_where = str(samples_path) if samples_path is not None else "samples"
         self.hf_model = model
         self.tokenizer = tokenizer
         self.samples = samples
@@ -217,7 +222,7 @@ class Trainer:
         self.plan: EpochPlan | None = None
         self.steps_per_epoch = self._plan(0).steps
         if self.steps_per_epoch == 0:
-            raise UserError("samples", "they produced no micro-batches", "check the samples file")
+            raise UserError(self.samples_where, "the samples produced no micro-batches", "check the samples file")
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.scheduler = cfg.optim.build_scheduler(self.optimizer, self.total_steps)
         self.step = 0
@@ -313,13 +318,13 @@ class Trainer:
                 lo, hi = int(mb.input_ids.min()), int(mb.input_ids.max())
                 if lo < 0 or hi >= self.vocab_size:
                     bad = lo if lo < 0 else hi
-                    raise UserError("samples", f"token id {bad} is outside the model's vocabulary "
+                    raise UserError(self.samples_where, f"token id {bad} is outside the model's vocabulary "
                                     f"[0, {self.vocab_size})", "build the samples with this model's tokenizer")
             if len(mb.group):
                 lo, hi = int(mb.group.min()), int(mb.group.max())
                 if lo < 0 or hi >= self.num_groups:
                     bad = lo if lo < 0 else hi
-                    raise UserError("samples", f"a sample has group {bad}, but lambdas has {self.num_groups} "
+                    raise UserError(self.samples_where, f"a sample has group {bad}, but lambdas has {self.num_groups} "
                                     "entries", f"pass one lambda per group (groups 0..{self.num_groups - 1})")
 
     def _next_step(self) -> tuple[list[Any], torch.Tensor]:
