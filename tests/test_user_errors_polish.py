@@ -140,3 +140,61 @@ def test_trainer_without_a_path_keeps_saying_samples():
     with pytest.raises(UserError, match=r"^data/s\.npz: a sample has group 1"):
         Trainer(model, samples, TrainConfig(max_steps=1, lambdas=(1.0,), progress=False, peak_flops=None),
                 samples_path="data/s.npz")
+
+
+# --- 4. one list of --dtype names for train, explore and eval ----------------------------------------------
+def test_train_explore_and_eval_accept_the_same_dtype_names():
+    """explore took float32/bfloat16/float16, train also auto, eval had no --dtype; the Python loader also
+    takes fp32/bf16/fp16. One tuple now (train.config.DTYPE_CHOICES) for all three."""
+    from leafe_fast.cli import cli_surface
+    from leafe_fast.train.config import DTYPE_CHOICES, DTYPE_NAMES, torch_dtype
+    from leafe_fast.train.model import DTYPES
+
+    surface = cli_surface()
+    for cmd in ("train", "explore", "eval"):
+        assert tuple(surface[cmd]["--dtype"]["choices"]) == DTYPE_CHOICES, cmd
+    assert set(DTYPE_NAMES) == set(DTYPES)  # the names load_model resolves (train) are the same
+    import torch
+
+    for name in DTYPE_NAMES:
+        assert torch_dtype(name) is DTYPES[name] and isinstance(torch_dtype(name), torch.dtype)
+    assert torch_dtype("auto") is None and torch_dtype(None) is None
+    with pytest.raises(UserError, match="--dtype: 'float8' is not one of"):
+        torch_dtype("float8")
+
+
+@pytest.mark.parametrize("cmd", ["explore", "eval"])
+def test_explore_and_eval_pass_the_dtype_to_the_engine(tmp_path, monkeypatch, cmd):
+    """`--dtype bf16` reaches the engine as torch.bfloat16 (explore used getattr(torch, name): no aliases)."""
+    import torch
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(kind, *, dtype=None, **kw):
+        seen["dtype"] = dtype
+        raise Stop
+
+    if cmd == "explore":
+        import leafe_fast.engines as engines
+
+        monkeypatch.setattr(engines, "make_engine", fake_engine)
+        argv = ["explore", "--env", "sokoban", "--model", "tiny", "--tasks", "1", "--out", str(tmp_path / "t.jsonl")]
+    else:
+        import leafe_fast.engines.hf as hf
+        from leafe_fast.tiny import tiny_model, tiny_tokenizer
+
+        model_dir = tmp_path / "model"
+        tok = tiny_tokenizer("qwen2")
+        tiny_model(tok, "qwen2").save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        monkeypatch.setattr(hf, "HFEngine", lambda path, **kw: fake_engine("hf", **kw))
+        argv = ["eval", "--model", str(model_dir), "--env", "sokoban", "--tasks", "1", "--n", "1"]
+    with pytest.raises(Stop):
+        main([*argv, "--dtype", "bf16"])
+    assert seen["dtype"] is torch.bfloat16
+    with pytest.raises(Stop):
+        main([*argv, "--dtype", "auto"])
+    assert seen["dtype"] is None

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, key_value
+from leafe_fast.train.config import DTYPE_CHOICES, torch_dtype
 
 
 @dataclass
@@ -45,6 +46,8 @@ class EvalConfig:
     max_turns: int = field(default=100, metadata={"help": "cap on steps per episode", "min": 1})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "torch device (none: cuda if available, else cpu)"})
+    dtype: str | None = field(default=None, metadata={"help": "model dtype (none or auto: as saved)",
+                                                      "choices": DTYPE_CHOICES})
     max_batch_size: int = field(default=32, metadata={"help": "engine batch size", "min": 1})
     out: Path | None = field(default=None, metadata={"help": "write the result JSON here"})
     progress: bool = field(default=True, metadata={"help": "progress bar (off when stderr is not a terminal)"})
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(args.model)
     check_device(cfg.device)
     max_new_tokens = cfg.max_new_tokens or action_token_limit(cfg.env)
-    engine = HFEngine(str(args.model), device=cfg.device, max_batch_size=cfg.max_batch_size, seed=cfg.seed)
+    engine = HFEngine(str(args.model), device=cfg.device, dtype=torch_dtype(cfg.dtype),
+                      max_batch_size=cfg.max_batch_size, seed=cfg.seed)
     try:
         chat = ChatFormat.from_tokenizer(engine.tokenizer)
         sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens)

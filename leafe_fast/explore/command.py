@@ -26,6 +26,7 @@ from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.explore.config import ExploreConfig
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value, read_json_object
+from leafe_fast.train.config import DTYPE_CHOICES, torch_dtype
 
 
 @dataclass
@@ -45,8 +46,8 @@ class ExploreRun:
     engine_url: str | None = field(default=None, metadata={
         "help": "sglang: URL of a running SGLang server instead of an in-process engine"})
     device: str | None = field(default=None, metadata={"help": "hf: torch device (none: the model's)"})
-    dtype: str | None = field(default=None, metadata={"help": "hf: model dtype",
-                                                      "choices": ("float32", "bfloat16", "float16")})
+    dtype: str | None = field(default=None, metadata={"help": "hf: model dtype (none or auto: as saved)",
+                                                      "choices": DTYPE_CHOICES})
     out: Path | None = field(default=None, metadata={
         "help": "output trees.jsonl (appended; finished tasks are skipped; locked while a run writes it)"})
     task_args: dict[str, Any] = field(default_factory=dict, metadata={
@@ -150,11 +151,9 @@ def check_resume_settings(run: ExploreRun, config: ExploreConfig) -> None:
 
 def build_engine(run: ExploreRun):
     """(engine, tokenizer) for the run settings."""
-    import torch
-
     from leafe_fast.engines import make_engine
 
-    dtype = getattr(torch, run.dtype) if run.dtype else None
+    dtype = torch_dtype(run.dtype)
     if run.engine == "sglang":
         # the tokenizer (chat template) comes from the local --model directory in both modes
         from leafe_fast.engines.sglang import import_sglang

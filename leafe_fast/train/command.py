@@ -28,7 +28,7 @@ from pathlib import Path
 from leafe_fast.checks import check_device, check_model_dir, check_out_path, run_folder_lock
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_file
-from leafe_fast.train.config import TrainConfig, part_classes
+from leafe_fast.train.config import DTYPE_CHOICES, TrainConfig, part_classes
 
 # Loss options the trainer fixes itself (it always sums with its own normalisers, checks ranges once per
 # epoch on the host, and takes G from lambdas), and the run directory (the --out flag).
@@ -43,7 +43,7 @@ class ModelLoadConfig:
         "help": "architecture and chat template of --model tiny", "choices": ("qwen2", "llama3")})
     dtype: str = field(default="auto", metadata={
         "help": "parameter dtype at load (auto: from --precision; a mismatch is cast by the trainer)",
-        "choices": ("auto", "float32", "bfloat16", "float16")})
+        "choices": DTYPE_CHOICES})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (none: cuda when available)"})
     attn: str = field(default="auto", metadata={
         "help": "attention backend", "choices": ("auto", "flash_attn", "torch_varlen", "sdpa_mask", "loop")})

@@ -42,6 +42,24 @@ LAYOUTS = ("flat", "trie", "auto")
 GRAD_SYNCS = ("auto", "step", "micro_batch")
 # grad_sync="auto": above this many parameters, reduce-scatter every micro-batch (see ComputeConfig).
 GRAD_SYNC_AUTO_PARAMS = 1_000_000_000
+# ``--dtype`` of train, explore and eval: one list, so the three accept the same names. Each name -> the
+# torch dtype attribute; the short ones are aliases. "auto" (also in DTYPE_CHOICES): train takes the dtype
+# from --precision, explore and eval keep the one the model was saved in.
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+               "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+
+
+def torch_dtype(name: str | None) -> Any:
+    """The ``torch.dtype`` of a ``--dtype`` name; None for None/"auto" (the caller's default applies)."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPE_NAMES:
+        raise UserError("--dtype", f"{name!r} is not one of {list(DTYPE_CHOICES)}",
+                        f"pass one of {list(DTYPE_CHOICES)}")
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def check_fields(obj: Any) -> None:
@@ -344,4 +362,5 @@ def _field_owners() -> dict[str, str]:
 
 
 __all__ = ["CheckpointConfig", "ComputeConfig", "DataConfig", "OptimConfig", "TrainConfig", "LossOptions",
-           "NORM_SCOPES", "LAYOUTS", "GRAD_SYNCS", "GRAD_SYNC_AUTO_PARAMS", "check_fields", "part_classes"]
+           "NORM_SCOPES", "LAYOUTS", "GRAD_SYNCS", "GRAD_SYNC_AUTO_PARAMS", "DTYPE_NAMES", "DTYPE_CHOICES",
+           "check_fields", "part_classes", "torch_dtype"]
