@@ -198,3 +198,124 @@ def test_explore_and_eval_pass_the_dtype_to_the_engine(tmp_path, monkeypatch, cm
     with pytest.raises(Stop):
         main([*argv, "--dtype", "auto"])
     assert seen["dtype"] is None
+
+
+# --- 5. a full disk while writing a checkpoint or the final model ------------------------------------------
+def _losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fail_in", ["state", "latest"])
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, fail_in):
+    """ENOSPC in the middle of step 4's state.pt (or while pointing `latest` at it): one line naming the
+    checkpoint folder, no .tmp left, `latest` still at step 2, and --resume continues exactly: the losses of
+    steps 3..6 are bitwise those of an uninterrupted run."""
+    import errno
+    import io
+
+    import torch
+
+    import leafe_fast.train.checkpoint as checkpoint
+
+    samples = _samples_file(tmp_path)
+    args = ("--max-steps", "6", "--save-every", "2", "--no-export", "--device", "cpu")
+    assert _train(samples, tmp_path / "ref", *args) == 0
+    want = _losses(tmp_path / "ref")
+    assert len(want) == 6
+
+    out, saves = tmp_path / "run", []
+    real_save, real_latest = torch.save, checkpoint._write_latest
+
+    def full_disk():
+        saves.append(1)
+        return len(saves) == 2  # the second checkpoint (step 4)
+
+    class HalfFull(io.RawIOBase):
+        """The file, until half the checkpoint's bytes are written: then ENOSPC, as a full disk raises it
+        (torch's zip writer then fails in its own close with a RuntimeError over the OSError)."""
+
+        def __init__(self, f, limit):
+            self.f, self.limit, self.n = f, limit, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.n + len(b) > self.limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.n += len(b)
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *a, **k):
+        if fail_in == "state" and full_disk():
+            size = io.BytesIO()
+            real_save(obj, size, *a, **k)
+            return real_save(obj, HalfFull(f, len(size.getvalue()) // 2), *a, **k)
+        return real_save(obj, f, *a, **k)
+
+    def latest(root, name):
+        if fail_in == "latest" and full_disk():
+            (root / "latest.tmp").write_text(name[:3])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_latest(root, name)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(checkpoint, "_write_latest", latest)
+    assert _train(samples, out, *args) == 2
+    line = _one_error_line(capsys, "train")
+    ck = out / "checkpoints"
+    assert (f"{ck / 'step_00000004'}: the checkpoint could not be written (No space left on device); the newest "
+            "complete checkpoint, step_00000002, is kept; free disk space (or pass another --out), then rerun "
+            "with --resume") in line
+    monkeypatch.undo()
+    left = sorted(p.name for p in ck.iterdir())
+    assert left == (["latest", "step_00000002"] if fail_in == "state" else ["latest", "step_00000002", "step_00000004"])
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert checkpoint.latest_checkpoint(ck) == ck / "step_00000002"
+    assert _train(samples, out, *args, "--resume") == 0
+    assert _losses(out) == want  # steps 1-2 of the failed run, 3-6 after the resume: bitwise the same
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_a_full_disk_while_exporting_leaves_no_model_folder(tmp_path, capsys, monkeypatch, error):
+    """On a real full disk safetensors raises SafetensorError('... I/O error: No space left on device (os
+    error 28)'); it left final.tmp and a traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full_disk(self, folder, **kw):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        if error == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    out = tmp_path / "run"
+    assert _train(_samples_file(tmp_path), out, "--max-steps", "1") == 2
+    line = _one_error_line(capsys, "train")
+    assert f"{out / 'final'}: the trained model could not be written (No space left on device" in line
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+
+
+def test_a_full_disk_while_writing_the_summary_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real = Path.write_text
+
+    def write_text(self, *a, **k):
+        if self.name == "summary.json.tmp":
+            real(self, "{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "run"
+    assert _train(_samples_file(tmp_path), out, "--max-steps", "1", "--no-export") == 2
+    assert f"{out / 'summary.json'}: could not be written (No space left on device)" in _one_error_line(capsys, "train")
+    assert not (out / "summary.json").exists() and not (out / "summary.json.tmp").exists()

@@ -14,6 +14,7 @@ the file and what to do, not a traceback from deep inside ``torch.load``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -75,11 +76,35 @@ def save_checkpoint(
     train_state: dict[str, Any],
     keep_last: int | None = 2,
 ) -> Path:
-    """Write ``root/step_<step>`` atomically and point ``root/latest`` at it; returns its path."""
+    """Write ``root/step_<step>`` atomically and point ``root/latest`` at it; returns its path.
+
+    An ``OSError`` (a full disk, a quota, a vanished folder) removes the partial ``.tmp_step_*`` and is a
+    :class:`UserError` naming the checkpoint folder: ``latest`` still points at the previous complete
+    checkpoint, from which ``--resume`` continues exactly.
+    """
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     rank = _rank()
+    try:
+        _save(root, final, tmp, rank, model=model, optimizer=optimizer, scheduler=scheduler,
+              train_state=train_state, keep_last=keep_last)
+    except OSError as exc:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / (LATEST + ".tmp")).unlink(missing_ok=True)
+        prev = latest_checkpoint(root) if root.is_dir() else None
+        kept = f"the newest complete checkpoint, {prev.name}, is kept" if prev else "no earlier checkpoint exists"
+        raise UserError(str(final), f"the checkpoint could not be written ({exc.strerror or exc}); {kept}",
+                        "free disk space (or pass another --out), then rerun with --resume"
+                        if prev else "free disk space (or pass another --out) and run again") from exc
+    return final
+
+
+def _save(root: Path, final: Path, tmp: Path, rank: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, train_state: dict[str, Any], keep_last: int | None) -> None:
+    """:func:`save_checkpoint`'s writes: everything into ``tmp``, renamed to ``final``, then ``latest``."""
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -92,21 +117,14 @@ def save_checkpoint(
         dist.barrier()
         msd, osd = get_state_dict(model, optimizer)
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
-            torch.save({"scheduler": scheduler.state_dict(), "train_state": train_state}, tmp / "meta.pt")
+            _torch_save({"scheduler": scheduler.state_dict(), "train_state": train_state}, tmp / "meta.pt")
         dist.barrier()
     else:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "train_state": train_state,
-                "rng": rng_state(),
-            },
-            tmp / "state.pt",
-        )
+        _torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "train_state": train_state, "rng": rng_state()},
+                    tmp / "state.pt")
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -117,7 +135,20 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     if _is_dist():
         dist.barrier()
-    return final
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    """``torch.save`` through a Python file, synced: a full disk is then an ``OSError`` (ENOSPC) rather than
+    torch's ``RuntimeError`` from its C++ writer, and the bytes are on disk before the rename publishes them."""
+    with open(file, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # its zip writer, closing after a failed write, raises over the OSError
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from exc
+            raise
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -269,13 +300,21 @@ def export_pretrained(
     hf_model.config._attn_implementation = "sdpa"
     try:
         hf_model.save_pretrained(tmp, state_dict=sd)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except Exception as exc:  # a full disk: no half-written model folder left, one line naming it
+        shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports a failed write as SafetensorError("... I/O error: <os error>"), not OSError
+        if not (isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))):
+            raise
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).split("I/O error:")[-1].strip()
+        raise UserError(str(out_dir), f"the trained model could not be written ({why or exc})",
+                        "free disk space (or pass another --out) and run again") from exc
     finally:
         hf_model.config._attn_implementation = impl
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
     if _is_dist():
         dist.barrier()
     return out_dir

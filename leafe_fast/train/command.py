@@ -174,8 +174,13 @@ def run(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             record = {k: v for k, v in summary.__dict__.items() if k != "losses"}
             tmp = out / "summary.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-            os.replace(tmp, out / "summary.json")
+            try:
+                tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+                os.replace(tmp, out / "summary.json")
+            except OSError as exc:  # a full disk: one line, no summary.json.tmp left
+                tmp.unlink(missing_ok=True)
+                raise UserError(str(out / "summary.json"), f"could not be written ({exc.strerror or exc})",
+                                "free disk space; the trained model and checkpoints are written") from exc
             if not cfg.progress:  # with progress on, Trainer.train has printed the summary line already
                 print(summary.to_text())
             if summary.export:
