@@ -319,3 +319,33 @@ def test_a_full_disk_while_writing_the_summary_is_one_line(tmp_path, capsys, mon
     assert _train(_samples_file(tmp_path), out, "--max-steps", "1", "--no-export") == 2
     assert f"{out / 'summary.json'}: could not be written (No space left on device)" in _one_error_line(capsys, "train")
     assert not (out / "summary.json").exists() and not (out / "summary.json.tmp").exists()
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of step 3's metrics record: one line naming metrics.jsonl; --resume from the step-2
+    checkpoint drops the cut record and logs steps 3..4 again, the same as an uninterrupted run."""
+    import errno
+
+    from leafe_fast.train.metrics import MetricsLog
+
+    samples = _samples_file(tmp_path)
+    args = ("--max-steps", "4", "--save-every", "2", "--no-export", "--device", "cpu")
+    assert _train(samples, tmp_path / "ref", *args) == 0
+    real = MetricsLog.write
+
+    def write(self, record):
+        if record["step"] == 3:
+            self._fh.write(json.dumps(record)[:20])
+            self._fh.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    out = tmp_path / "run"
+    assert _train(samples, out, *args) == 2
+    line = _one_error_line(capsys, "train")
+    assert f"{out / 'metrics.jsonl'}: could not be written (No space left on device); free disk space, then " \
+           "rerun with --resume" in line
+    monkeypatch.undo()
+    assert _train(samples, out, *args, "--resume") == 0
+    assert _losses(out) == _losses(tmp_path / "ref")

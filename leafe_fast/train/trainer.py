@@ -431,7 +431,12 @@ class Trainer:
                     rec.update(meter.measure(window_tokens, window_computed))
                     window_tokens = window_computed = 0
                     rec.update(memory_stats(self.device))
-                    log.write(rec)
+                    try:
+                        log.write(rec)
+                    except OSError as exc:  # a full disk: one line; a resume drops a cut last record
+                        raise UserError(str(log.path), f"could not be written ({exc.strerror or exc})",
+                                        "free disk space, then rerun with --resume (from the newest checkpoint)"
+                                        if ck.save_every else "free disk space and run again") from exc
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
                 self.history.append(rec)
                 bar.update(1)
