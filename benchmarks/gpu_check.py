@@ -129,10 +129,10 @@ def part_train(dry: bool, config: str, timeout: float, out_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--name", str(path.with_suffix(""))]
     if dry:
         cmd += ["--small", "--samples", "6", "--steps", "1", "--warmup", "0", "--min-len", "96", "--max-len", "200",
-                "--token-budget", "256", "--peers", "leafe-fast,hf-padded-eager"]
+                "--token-budget", "256", "--peers", "leafe-fast,hf-padded-eager,hf-liger-padded,hf-liger-packed"]
     else:
         cmd += ["--config", config, "--steps", "4", "--warmup", "1",
-                "--peers", "leafe-fast,hf-padded-eager,hf-liger-packed"]
+                "--peers", "leafe-fast,hf-padded-eager,hf-liger-padded,hf-liger-packed"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not path.exists():
         raise RuntimeError(f"bench_train exited {proc.returncode}: {proc.stderr[-1500:]}")

@@ -32,7 +32,12 @@ def test_gpu_check_dry_run_writes_one_json_with_every_part(tmp_path):
     assert all("max_abs_err" in b and b["max_abs_err"] < 1e-4 for b in report["attention"]["backends"].values())
     train = report["train_tiny"]
     assert train["status"] == "ok", train
-    assert "leafe-fast" in train["result"]["results"]
+    results = train["result"]["results"]
+    assert "leafe-fast" in results and results["hf-padded-eager"]["tokens_per_s"] > 0
+    # the training goal is against HF + Liger padded batches: wired in, skipped with a note off CUDA
+    for peer in ("hf-liger-padded", "hf-liger-packed"):
+        assert "liger" in results[peer]["skipped"], results[peer]
+    assert train["result"]["speedup_vs_hf_liger_padded"] is None
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_unless_dry(tmp_path):
