@@ -174,3 +174,37 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
     again = json.loads((res / "repro_sokoban_tiny.json").read_text())
     assert again["table"]["leafe"]["pass@k"] == result["table"]["leafe"]["pass@k"]
     assert (out / "arms" / "leafe" / "seed0" / "arm.json").stat().st_mtime == stamp
+
+
+def test_local_model_replaces_the_cloned_policy(tmp_path):
+    """``--model DIR``: a user's (here tiny, random) Qwen2 model with its own tokenizer, the full prompt and
+    the LLM reflector; no cloning stage, the arms trained from that model."""
+    from dataclasses import replace
+
+    from leafe_fast.repro.command import main
+    from leafe_fast.repro.pipeline import PRESETS, Repro
+    from leafe_fast.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer("qwen2")
+    model_dir = tmp_path / "model"
+    tiny_model(tok, "qwen2", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+               intermediate_size=64).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    small = replace(PRESETS["tiny"], arms=("base", "leafe"), gate_levels=2, gate_continuations=1, explore_levels=1,
+                    explore_max_steps=12, eval_levels=2, eval_episodes=1)
+    r = Repro(small, out, model_dir=model_dir, log=lambda _: None)
+    assert not r.env.compact
+    assert r.p.max_new_tokens >= 32 and r.reflector == "llm"
+    with pytest.warns(RuntimeWarning, match="max_new_tokens"):  # a random model rarely ends its turn
+        result = r.run()
+    assert result["base_policy"]["external_model"] == str(model_dir)
+    assert not (out / "base").exists() and not (out / "tokenizer.json").exists()
+    assert result["prompt"]["env_kwargs"]["prompt"] == "full" and set(result["table"]) == {"base", "leafe"}
+    explored = json.loads((out / "arms" / "leafe" / "seed0" / "explore.json").read_text())
+    assert explored["config"]["reflector"] == "llm"
+    # a model family the lock-step decoder does not implement is one line, exit 2, before anything runs
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--model", str(model_dir)]) == 2
+    assert not (tmp_path / "x").exists()

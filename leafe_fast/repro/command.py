@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_path(config.results_dir, "--results-dir", folder=True)
     if config.model is not None:
         check_model_dir(config.model)
+        _check_model_family(config.model)
     if config.report_only and not any(p.exists() for p in (out / "random_walk.json", out / "base" / "base.json")):
         raise UserError("--report-only", f"no finished stage under {out}",
                         "pass the --out of an earlier run, or run without --report-only")
@@ -95,6 +96,18 @@ def run(args: argparse.Namespace) -> int:
               f"(gain {g['gain']:+.3f}, needed {g['min_gain']:+.2f}: {'passed' if g['passed'] else 'NOT passed'})")
     print(f"result: {json_path}" + (f", plot: {png}" if png else ""))
     return 0
+
+
+def _check_model_family(path: Path) -> None:
+    """The lock-step decoder (``repro.fastlm``) implements Qwen2/Llama-style decoders only."""
+    import json
+
+    from leafe_fast.errors import UserError
+
+    kind = json.loads((path / "config.json").read_text()).get("model_type")
+    if kind not in ("qwen2", "llama"):
+        raise UserError(f"--model {path}", f"model_type {kind!r} is not supported by the repro's decoder",
+                        "pass a Qwen2- or Llama-style model (model_type qwen2 or llama)")
 
 
 def main(argv: list[str] | None = None) -> int:

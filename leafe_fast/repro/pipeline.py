@@ -20,7 +20,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,6 +119,9 @@ class Repro:
         from leafe_fast.envs.sokoban import SokobanEnv, sokoban_tasks
         from leafe_fast.repro.rollout import MemoChat
         
+        if model_dir is not None:
+            # a user's model writes the full prompt's "<action>up</action>" (several tokens in any tokenizer)
+            preset = replace(preset, max_new_tokens=max(preset.max_new_tokens, 32))
         self.p = preset
         self.out = Path(out)
         self.log = log
