@@ -157,7 +157,7 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
     from leafe_fast.repro.command import main
 
     out, res = tmp_path / "run", tmp_path / "results"
-    argv = ["--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress"]
+    argv = ["--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress", "--ignore-gate"]
     assert main(argv) == 0
     result = json.loads((res / "repro_sokoban_tiny.json").read_text())
     assert set(result["table"]) == {"base", "rs-sft", "rehearsal-only", "leafe", "no-summary"}
@@ -165,6 +165,11 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
         assert list(row["pass@k"]) == ["1", "2"] and row["seeds"] == [0]
     assert {"success_with", "success_without", "gain", "passed"} <= set(result["gate"])
     assert result["random_walk"]["n"] == 2 and result["versions"]["torch"]
+    assert result["gate_ignored"] is (not result["gate"]["passed"])
+    assert set(result["level_overlap"]) >= {"test_in_clone", "test_in_explore", "test_in_gate"}
+    assert result["table"]["rehearsal-only"]["env_steps_explore"] == result["table"]["leafe"]["env_steps_explore"]
+    leafe_spent = result["table"]["leafe"]["env_steps_explore"][0]
+    assert 0 < leafe_spent and result["table"]["rs-sft"]["env_steps_explore"][0] <= leafe_spent
     assert (res / "repro_sokoban_tiny.png").exists()
     stamp = (out / "arms" / "leafe" / "seed0" / "arm.json").stat().st_mtime
     assert main(argv) == 0  # a rerun reuses every cached stage
@@ -193,7 +198,7 @@ def test_local_model_replaces_the_cloned_policy(tmp_path):
     out = tmp_path / "run"
     small = replace(PRESETS["tiny"], arms=("base", "leafe"), gate_levels=2, gate_continuations=1, explore_levels=1,
                     explore_max_steps=12, eval_levels=2, eval_episodes=1)
-    r = Repro(small, out, model_dir=model_dir, log=lambda _: None)
+    r = Repro(small, out, model_dir=model_dir, log=lambda _: None, ignore_gate=True)
     assert not r.env.compact
     assert r.p.max_new_tokens >= 32 and r.reflector == "llm"
     with pytest.warns(RuntimeWarning, match="max_new_tokens"):  # a random model rarely ends its turn
@@ -208,3 +213,24 @@ def test_local_model_replaces_the_cloned_policy(tmp_path):
     (model_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     assert main(["--preset", "tiny", "--out", str(tmp_path / "x"), "--model", str(model_dir)]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_failed_gate_stops_before_the_arms_and_settings_are_pinned_to_out(tmp_path):
+    from dataclasses import replace
+
+    from leafe_fast.errors import UserError
+    from leafe_fast.repro.pipeline import PRESETS, Repro
+
+    small = replace(PRESETS["tiny"], gate_levels=2, eval_levels=2, eval_episodes=1, gate_min_gain=2.0)  # unreachable
+    logs: list[str] = []
+    result = Repro(small, tmp_path / "run", log=logs.append).run()
+    assert result["gate"]["passed"] is False and result["table"] == {} and result["gate_ignored"] is False
+    assert not (tmp_path / "run" / "arms").exists() and any("--ignore-gate" in line for line in logs)
+    # the cached base and gate belong to these settings: another preset on the same --out is refused
+    with pytest.raises(UserError, match="other settings.*clone_steps"):
+        Repro(replace(small, clone_steps=small.clone_steps + 1), tmp_path / "run", log=logs.append)
+    Repro(replace(small, seeds=(0, 1), threads=2), tmp_path / "run", log=logs.append)  # seeds may change
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("")
+    with pytest.raises(UserError, match="records no settings"):
+        Repro(small, tmp_path / "other", log=logs.append)

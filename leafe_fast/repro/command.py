@@ -28,7 +28,8 @@ class ReproConfig:
     preset's value, so ``--preset`` alone reproduces a recorded run."""
 
     preset: str = field(default="cpu", metadata={"help": "sizes and budgets", "choices": tuple(sorted(PRESETS))})
-    out: Path | None = field(default=None, metadata={"help": "stage cache folder (unset: runs/repro_<preset>)"})
+    out: Path | None = field(default=None, metadata={
+        "help": "stage cache folder (unset: runs/repro_<preset>, with --model runs/repro_<preset>_<model folder>)"})
     results_dir: Path = field(default=Path("benchmarks/results"), metadata={
         "help": "where repro_sokoban_<preset>.json and .png go"})
     arms: tuple[str, ...] | None = field(default=None, metadata={
@@ -41,6 +42,8 @@ class ReproConfig:
                 "(full prompts, the LLM reflector)"})
     report_only: bool = field(default=False, metadata={
         "help": "aggregate the stages already finished under --out (a run cut short) and run nothing"})
+    ignore_gate: bool = field(default=False, metadata={
+        "help": "run the arms even when the experience gate fails (the result records gate_ignored)"})
     progress: bool = field(default=True, metadata={"help": "progress bars (quiet when stderr is not a TTY)"})
 
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--preset gpu", "no CUDA device is visible", "run it on a GPU machine, or use --preset cpu")
-    out = config.out or Path("runs") / f"repro_{preset.name}"
+    out = config.out or Path("runs") / (f"repro_{preset.name}" + (f"_{config.model.name}" if config.model else ""))
     check_out_path(out, "--out", folder=True)
     check_out_path(config.results_dir, "--results-dir", folder=True)
     if config.model is not None:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--report-only", f"no finished stage under {out}",
                         "pass the --out of an earlier run, or run without --report-only")
     progress = config.progress and sys.stderr.isatty()
-    repro = Repro(preset, out, progress=progress, model_dir=config.model)
+    repro = Repro(preset, out, progress=progress, model_dir=config.model, ignore_gate=config.ignore_gate)
     result = repro.report_only() if config.report_only else repro.run()
     config.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = config.results_dir / f"repro_sokoban_{preset.name}.json"

@@ -57,7 +57,9 @@ def measure_gate(lm: Any, chat: MemoChat, env: Any, tasks: Sequence[Task], *, co
         play(lm, chat, env, eps, seed=seed, max_turns=max_turns, chunk=chunk, max_new_tokens=max_new_tokens)
         n = max(1, len(eps))
         out[f"success_{name}"] = sum(e.success for e in eps) / n
-        repeats = [e.actions[0] == cases[i // continuations][5] for i, e in enumerate(eps) if e.actions]
+        # only where the message names a move to avoid (a "too slow" diagnosis or an invalid reply names none)
+        repeats = [e.actions[0] == cases[i // continuations][5] for i, e in enumerate(eps)
+                   if e.actions and cases[i // continuations][5] and "Avoid:" in cases[i // continuations][4]]
         out[f"repeats_avoided_move_{name}"] = sum(repeats) / max(1, len(repeats))
     out["gain"] = out.get("success_with", 0.0) - out.get("success_without", 0.0)
     kinds = [c[4].split(":")[0].split(" ")[0] for c in cases]

@@ -45,8 +45,8 @@ class Preset:
     corpus_levels: int = 300  # levels whose texts train the tokenizer (train split, seed 7)
     max_new_tokens: int = 2  # one move letter + end of turn, in exploration and evaluation alike
     # behaviour cloning (measured on the 2-core CPU, 2026-11-29: with these settings the greedy action
-    # accuracy left chance at ~900 steps and reached 0.59 at 1,500 of a 1,500-step schedule; with clone_noise 0.15 and 4,096-token
-    # batches it was still at chance after 600 steps, 2.4M tokens)
+    # accuracy left chance at ~900 steps and reached 0.59 at 1,500 of a 1,500-step schedule; with
+    # clone_noise 0.15 and 4,096-token batches it was still at chance after 600 steps, 2.4M tokens)
     clone_levels: int = 3000
     clone_steps: int = 3000
     clone_lr: float = 3e-3
@@ -77,7 +77,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", corpus_levels=20, vocab_size=512, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, clone_levels=12,
+    "tiny": Preset("tiny", corpus_levels=20, vocab_size=512, hidden_size=32, layers=1, heads=2, kv_heads=1,
+                   intermediate_size=64, clone_levels=12,
                    clone_steps=3, token_budget=2048, gate_levels=4, gate_continuations=2, explore_levels=3,
                    max_branches=1, explore_max_steps=60, train_steps=2, eval_levels=4, eval_episodes=2,
                    seeds=(0,), chunk=64, threads=1),
@@ -112,7 +113,7 @@ class Repro:
     """One run of the benchmark in ``out`` with ``preset`` (see the module docstring)."""
 
     def __init__(self, preset: Preset, out: Path, *, log: Callable[[str], None] = print, progress: bool = False,
-                 model_dir: Path | None = None):
+                 model_dir: Path | None = None, ignore_gate: bool = False):
         import torch
 
         from leafe_fast.data.chat import ChatFormat
@@ -124,6 +125,8 @@ class Repro:
             preset = replace(preset, max_new_tokens=max(preset.max_new_tokens, 32))
         self.p = preset
         self.out = Path(out)
+        self.ignore_gate = ignore_gate
+        self._check_settings(model_dir)
         self.log = log
         self.progress = progress
         torch.set_num_threads(max(1, preset.threads))
@@ -151,6 +154,39 @@ class Repro:
         self.test_tasks = sokoban_tasks("test", preset.eval_levels, seed=0, difficulty=d)
         self.max_turns = self.test_tasks[0].spec["max_steps"] if self.test_tasks else 40
         self.timings: dict[str, float] = {}
+
+    # Everything a cached stage depends on; seeds, arms and threads may change between reruns (each seed's
+    # and arm's results are their own files), nothing else may.
+    _RERUNNABLE = ("seeds", "arms", "threads")
+
+    def _check_settings(self, model_dir: Path | None) -> None:
+        """Refuse an ``out`` whose cached stages were made with other settings (they would be reported as
+        this run's); a fresh ``out`` records them in ``settings.json``."""
+        from leafe_fast.errors import UserError
+
+        now = {k: v for k, v in preset_dict(self.p).items() if k not in self._RERUNNABLE}
+        now = json.loads(json.dumps({**now, "model": str(model_dir) if model_dir else None}))
+        path = self.out / "settings.json"
+        if path.exists():
+            before = json.loads(path.read_text())
+            diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+            if diff:
+                raise UserError(f"--out {self.out}", f"holds a run made with other settings ({', '.join(diff)})",
+                                "pass another --out, or delete that folder to start over")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"--out {self.out}", "is not empty and records no settings",
+                            "pass an empty or new --out")
+        else:
+            _write_json(path, now)
+
+    def level_overlap(self) -> dict[str, int]:
+        """Levels of the test (and gate) set that also appear, as the same picture, in another set."""
+        pic = lambda tasks: {t.spec["level"] for t in tasks}  # noqa: E731
+        test, gate = pic(self.test_tasks), pic(self.gate_tasks)
+        clone, explore = pic(self.clone_tasks()), pic(self.explore_tasks)
+        return {"test_in_clone": len(test & clone), "test_in_explore": len(test & explore),
+                "test_in_gate": len(test & gate), "gate_in_clone": len(gate & clone),
+                "gate_in_explore": len(gate & explore)}
 
     # ------------------------------------------------------------------------------ models
     def _tokenizer(self, sokoban_tasks):
@@ -267,9 +303,13 @@ class Repro:
         base = self.base()
         gate = self.gate()
         arms: dict[str, list[dict[str, Any]]] = {a: [] for a in self.p.arms}
-        for seed in self.p.seeds:  # seed-major: a cut-short run still has every arm of its first seeds
-            for arm in self.p.arms:
-                arms[arm].append(self.arm(arm, seed))
+        if gate.get("passed") or self.ignore_gate:
+            for seed in self.p.seeds:  # seed-major: a cut-short run still has every arm of its first seeds
+                for arm in self.p.arms:
+                    arms[arm].append(self.arm(arm, seed))
+        else:
+            self.log("gate not passed: the arms are not run (a policy that does not act on its experience "
+                     "cannot show LEAFE's effect); pass --ignore-gate to run them anyway")
         from leafe_fast.repro.report import aggregate
 
         result = aggregate(self, rw, base, gate, arms, time.perf_counter() - t0)

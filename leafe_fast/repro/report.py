@@ -32,6 +32,10 @@ def gained_lost(arm_eval: dict[str, Any], base_eval: dict[str, Any]) -> dict[str
             "lost": sum(1 for t in a if a[t] == 0 and b.get(t, 0) > 0)}
 
 
+def _spent(arm_run: dict[str, Any], key: str) -> int | None:
+    return ((arm_run.get("explore") or {}).get("spent") or {}).get(key)
+
+
 def aggregate(r: Any, rw: dict[str, Any], base: dict[str, Any], gate: dict[str, Any],
               arms: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
     from leafe_fast.repro.pipeline import environment_info, preset_dict
@@ -50,11 +54,14 @@ def aggregate(r: Any, rw: dict[str, Any], base: dict[str, Any], gate: dict[str, 
             "lost_vs_base": mean_ci([g["lost"] for g in gl]) if gl and arm != "base" else None,
             "seeds": [x["seed"] for x in runs],
             "ablation": bool(runs[0].get("ablation")),
-            "env_steps_explore": [((x.get("explore") or {}).get("summary") or {}).get("steps") for x in runs],
-            "generated_tokens_explore": [((x.get("explore") or {}).get("summary") or {}).get("generated_tokens")
-                                         for x in runs],
+            # from the whole trees file ("spent"; a resumed exploration's summary counts only its own part)
+            "env_steps_explore": [_spent(x, "env_steps") for x in runs],
+            "generated_tokens_explore": [_spent(x, "generated_tokens") for x in runs],
             "samples": [(x.get("samples") or {}).get("samples") for x in runs],
             "train_steps": [(x.get("train") or {}).get("steps", 0) for x in runs],
+            "epochs": [(x.get("train") or {}).get("epochs") for x in runs],
+            # seeds whose exploration found no success: that arm is the base model there, not a trained one
+            "untrained_seeds": [x["seed"] for x in runs if arm != "base" and not (x.get("train") or {}).get("steps")],
         }
     return {
         "schema": "leafe.repro_sokoban/1",
@@ -62,7 +69,9 @@ def aggregate(r: Any, rw: dict[str, Any], base: dict[str, Any], gate: dict[str, 
         "levels": {"difficulty": r.p.difficulty, "clone": r.p.clone_levels, "explore": len(r.explore_tasks),
                    "gate": len(r.gate_tasks), "test": len(r.test_tasks), "episodes_per_test_level": r.p.eval_episodes,
                    "max_steps": r.max_turns},
+        "level_overlap": r.level_overlap(),
         "prompt": {"env_kwargs": r.env_kwargs, "instructions": r.env.instructions()},
+        "gate_ignored": bool(gate) and not gate.get("passed") and any(arms.values()),
         "random_walk": rw,
         "base_policy": base,
         "gate": gate,
@@ -100,6 +109,8 @@ def format_table(result: dict[str, Any]) -> str:
         if row["gained_vs_base"] is not None:
             gl = f"{row['gained_vs_base']['mean']:.1f} / {row['lost_vs_base']['mean']:.1f}"
         name = arm + (" (ablation)" if row["ablation"] else "")
+        if row.get("untrained_seeds"):
+            name += f" (untrained in seed {','.join(map(str, row['untrained_seeds']))})"
         lines.append(f"| {name} (seeds {len(row['seeds'])}) | " + " | ".join(cells) + f" | {gl} |")
     return "\n".join(lines)
 

@@ -177,7 +177,7 @@ def _play_chunk(lm, chat, env, eps, seed, temperature, max_new, max_turns, keep_
                 e.ids += chat.header_ids + out + obs_ids
                 e.step_ends.append(len(e.ids))
                 e.action_ids.append(list(out))
-            if result.done or turn + 1 >= max_turns:
+            if result.done or e.turn0 + turn + 1 >= max_turns:  # turns of the whole episode, rollback prefix included
                 e.success = bool(result.success)
                 e.cut = not result.done
                 slots[r] = -1

@@ -102,6 +102,9 @@ def _explore(r: Any, arm: str, seed: int, d: Path) -> tuple[Path, dict[str, Any]
     if mode == "independent":
         leafe_trees, _ = _explore(r, "leafe", seed, r.out / "arms" / "leafe" / f"seed{seed}")
         kw["budget_from"] = str(leafe_trees)
+        # only the per-task budget stops it (not a count of attempts: attempts that end early at a deadlock
+        # would otherwise leave part of LEAFE's budget unspent)
+        kw["rollouts"] = p.explore_max_steps
     else:
         kw["reflector"] = r.reflector if reflector == "grounded" else reflector
         kw["summary"] = summary
@@ -116,11 +119,24 @@ def _explore(r: Any, arm: str, seed: int, d: Path) -> tuple[Path, dict[str, Any]
     s = explore(r.explore_tasks, "sokoban", engine, r.chat, trees, cfg)
     engine.close()
     info = {"config": {k: v for k, v in vars(cfg).items()}, "summary": s.to_dict() if hasattr(s, "to_dict") else str(s),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "spent": spent(trees), "seconds": round(time.perf_counter() - t0, 1)}
     from leafe_fast.repro.pipeline import _write_json
 
     _write_json(done, info)
     return trees, info
+
+
+def spent(trees: Path) -> dict[str, int]:
+    """What exploration spent, from the whole trees file (a resumed run's summary counts only its own part)."""
+    from leafe_fast.data.schema import read_trees
+
+    out = {"trees": 0, "env_steps": 0, "generated_tokens": 0, "successes": 0}
+    for tree in read_trees(trees):
+        out["trees"] += 1
+        out["env_steps"] += int(tree.stats.get("steps", 0))
+        out["generated_tokens"] += int(tree.stats.get("generated_tokens", 0))
+        out["successes"] += int(bool(tree.success))
+    return out
 
 
 def run_arm(r: Any, arm: str, seed: int, d: Path) -> dict[str, Any]:
@@ -134,7 +150,11 @@ def run_arm(r: Any, arm: str, seed: int, d: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"arm": arm, "seed": seed, "ablation": arm in ("oracle",)}
     model_dir = base_dir
     if arm != "base":
-        trees, xinfo = _explore(r, arm, seed, d)
+        if arm == "rehearsal-only":  # the LEAFE arm's own trees, another recipe
+            trees, xinfo = _explore(r, "leafe", seed, r.out / "arms" / "leafe" / f"seed{seed}")
+            xinfo = {**xinfo, "shared_with": "leafe"}
+        else:
+            trees, xinfo = _explore(r, arm, seed, d)
         info["explore"] = xinfo
         recipe = ARM_EXPLORE[arm][3]
         samples, stats = build_recipe(trees, BuildConfig(recipe=recipe, max_len=p.token_budget, overflow="drop",
@@ -153,7 +173,9 @@ def run_arm(r: Any, arm: str, seed: int, d: Path) -> dict[str, Any]:
             s = trainer.train()
             model_dir = d / "model"
             trainer.export(model_dir)
+            sample_tokens = sum(len(x) for x in samples)
             info["train"] = {"steps": s.steps, "lr": p.train_lr, "tokens": s.tokens, "target_tokens": s.target_tokens,
+                             "sample_tokens": sample_tokens, "epochs": round(s.tokens / max(1, sample_tokens), 2),
                              "loss_first": s.losses[0] if s.losses else None, "loss_last": s.final_loss,
                              "group_losses": s.group_losses, "seconds": round(s.seconds, 1)}
         else:
