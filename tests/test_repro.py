@@ -157,10 +157,16 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
     from leafe_fast.repro.command import main
 
     out, res = tmp_path / "run", tmp_path / "results"
-    argv = ["--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress", "--ignore-gate"]
+    argv = ["--preset", "tiny", "--out", str(out), "--results-dir", str(res), "--no-progress", "--ignore-gate",
+            "--arms", "base", "rs-sft", "rehearsal-only", "leafe", "no-summary", "leafe-all-steps"]
     assert main(argv) == 0
     result = json.loads((res / "repro_sokoban_tiny.json").read_text())
-    assert set(result["table"]) == {"base", "rs-sft", "rehearsal-only", "leafe", "no-summary"}
+    assert set(result["table"]) == {"base", "rs-sft", "rehearsal-only", "leafe", "no-summary", "leafe-all-steps"}
+    assert result["table"]["leafe-all-steps"]["variant"] and not result["table"]["leafe"]["variant"]
+    arm = {a: json.loads((out / "arms" / a / "seed0" / "arm.json").read_text()) for a in ("leafe", "leafe-all-steps")}
+    assert arm["leafe-all-steps"]["explore"]["spent"] == arm["leafe"]["explore"]["spent"]  # the same trees
+    cf = {a: arm[a]["samples"]["target_tokens"]["counterfactual"] for a in arm}
+    assert cf["leafe-all-steps"] >= cf["leafe"]
     for arm, row in result["table"].items():
         assert list(row["pass@k"]) == ["1", "2"] and row["seeds"] == [0]
     assert {"success_with", "success_without", "gain", "passed"} <= set(result["gate"])
@@ -173,7 +179,7 @@ def test_tiny_benchmark_runs_end_to_end_and_resumes(tmp_path):
     assert (res / "repro_sokoban_tiny.png").exists()
     stamp = (out / "arms" / "leafe" / "seed0" / "arm.json").stat().st_mtime
     assert main(argv) == 0  # a rerun reuses every cached stage
-    assert main(argv[:-1] + ["--arms", "nope"]) == 2  # a user mistake: one line, exit 2
+    assert main(argv[:8] + ["--arms", "nope"]) == 2  # a user mistake: one line, exit 2
     (res / "repro_sokoban_tiny.json").unlink()
     assert main(argv + ["--report-only"]) == 0  # aggregates what finished, runs nothing
     again = json.loads((res / "repro_sokoban_tiny.json").read_text())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from leafe_fast.flags import add_config_flags, config_from_args
-from leafe_fast.repro.pipeline import ABLATION_ARMS, ARMS, PRESETS
+from leafe_fast.repro.pipeline import ABLATION_ARMS, ARMS, PRESETS, VARIANT_ARMS
 
 
 @dataclass
@@ -33,7 +33,8 @@ class ReproConfig:
     results_dir: Path = field(default=Path("benchmarks/results"), metadata={
         "help": "where repro_sokoban_<preset>.json and .png go"})
     arms: tuple[str, ...] | None = field(default=None, metadata={
-        "help": f"arms to run (unset: {','.join(ARMS)}; ablation: {','.join(ABLATION_ARMS)}); "
+        "help": f"arms to run (unset: {','.join(ARMS)}; variant: {','.join(VARIANT_ARMS)}; "
+                f"ablation: {','.join(ABLATION_ARMS)}); "
                 "base is always added, gained/lost are measured against it"})
     seeds: tuple[int, ...] | None = field(default=None, metadata={"help": "seeds to run (unset: the preset's)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (unset: the preset's)", "min": 1})
@@ -60,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(ReproConfig, args)
     preset = PRESETS[config.preset]
     if config.arms:
-        bad = [a for a in config.arms if a not in ARMS + ABLATION_ARMS]
+        known = ARMS + VARIANT_ARMS + ABLATION_ARMS
+        bad = [a for a in config.arms if a not in known]
         if bad:
-            raise UserError("--arms", f"unknown arm(s) {bad}", f"choose from {list(ARMS + ABLATION_ARMS)}")
+            raise UserError("--arms", f"unknown arm(s) {bad}", f"choose from {list(known)}")
         arms = tuple(config.arms)
         if "base" not in arms:
             arms = ("base",) + arms  # gained/lost are measured against the base

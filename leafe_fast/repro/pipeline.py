@@ -26,6 +26,9 @@ from typing import Any, Callable
 
 ARMS = ("base", "rs-sft", "rehearsal-only", "leafe", "no-summary")
 ABLATION_ARMS = ("oracle",)
+# LEAFE with another documented option, run only when asked (--arms): every corrected step of a branch
+# supervised (counterfactual_steps all) instead of the first one, on the leafe arm's trees
+VARIANT_ARMS = ("leafe-all-steps",)
 MAX_POSITIONS = 4096
 
 
@@ -333,4 +336,4 @@ def preset_dict(p: Preset) -> dict[str, Any]:
     return asdict(p)
 
 
-__all__ = ["ARMS", "ABLATION_ARMS", "PRESETS", "Preset", "Repro", "environment_info"]
+__all__ = ["ARMS", "ABLATION_ARMS", "VARIANT_ARMS", "PRESETS", "Preset", "Repro", "environment_info"]

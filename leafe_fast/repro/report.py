@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from leafe_fast.repro.pipeline import VARIANT_ARMS
+
 # two-sided 97.5% Student t quantiles by degrees of freedom (1..30); normal beyond
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -54,6 +56,7 @@ def aggregate(r: Any, rw: dict[str, Any], base: dict[str, Any], gate: dict[str, 
             "lost_vs_base": mean_ci([g["lost"] for g in gl]) if gl and arm != "base" else None,
             "seeds": [x["seed"] for x in runs],
             "ablation": bool(runs[0].get("ablation")),
+            "variant": arm in VARIANT_ARMS,
             # from the whole trees file ("spent"; a resumed exploration's summary counts only its own part)
             "env_steps_explore": [_spent(x, "env_steps") for x in runs],
             "generated_tokens_explore": [_spent(x, "generated_tokens") for x in runs],
@@ -108,7 +111,7 @@ def format_table(result: dict[str, Any]) -> str:
         gl = ""
         if row["gained_vs_base"] is not None:
             gl = f"{row['gained_vs_base']['mean']:.1f} / {row['lost_vs_base']['mean']:.1f}"
-        name = arm + (" (ablation)" if row["ablation"] else "")
+        name = arm + (" (ablation)" if row["ablation"] else "") + (" (variant)" if row.get("variant") else "")
         if row.get("untrained_seeds"):
             name += f" (untrained in seed {','.join(map(str, row['untrained_seeds']))})"
         lines.append(f"| {name} (seeds {len(row['seeds'])}) | " + " | ".join(cells) + f" | {gl} |")

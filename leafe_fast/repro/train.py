@@ -19,7 +19,12 @@ ARM_EXPLORE = {
     "rs-sft": ("independent", None, True, "rejection-sampling"),
     "no-summary": ("leafe", "grounded", False, "rollback-no-summary"),
     "oracle": ("leafe", "oracle", True, "leafe"),
+    "leafe-all-steps": ("leafe", "grounded", True, "leafe"),
 }
+# arms trained on the ``leafe`` arm's trees (another recipe or option), not on an exploration of their own
+SHARES_LEAFE_TREES = ("rehearsal-only", "leafe-all-steps")
+# counterfactual_steps per arm (recipes' default: 1, the first corrected action after each rollback point)
+COUNTERFACTUAL_STEPS = {"leafe-all-steps": "all"}
 
 
 def _train_config(r: Any, steps: int, lr: float, seed: int, out: Path | None, warmup: int):
@@ -150,7 +155,7 @@ def run_arm(r: Any, arm: str, seed: int, d: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"arm": arm, "seed": seed, "ablation": arm in ("oracle",)}
     model_dir = base_dir
     if arm != "base":
-        if arm == "rehearsal-only":  # the LEAFE arm's own trees, another recipe
+        if arm in SHARES_LEAFE_TREES:
             trees, xinfo = _explore(r, "leafe", seed, r.out / "arms" / "leafe" / f"seed{seed}")
             xinfo = {**xinfo, "shared_with": "leafe"}
         else:
@@ -158,6 +163,7 @@ def run_arm(r: Any, arm: str, seed: int, d: Path) -> dict[str, Any]:
         info["explore"] = xinfo
         recipe = ARM_EXPLORE[arm][3]
         samples, stats = build_recipe(trees, BuildConfig(recipe=recipe, max_len=p.token_budget, overflow="drop",
+                                                         counterfactual_steps=COUNTERFACTUAL_STEPS.get(arm, "1"),
                                                          allow_empty=True))
         info["samples"] = stats.as_dict()
         if samples:
