@@ -137,7 +137,8 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         means = [row["pass@k"][str(k)]["mean"] for k in kk]
         errs = [row["pass@k"][str(k)]["ci95"] or 0.0 for k in kk]
         ax.errorbar(kk, means, yerr=errs, marker="o", ms=3, capsize=3,
-                    label=arm + (" (ablation)" if row["ablation"] else "") + f" ({len(row['seeds'])} seeds)")
+                    label=arm + (" (ablation)" if row["ablation"] else "") + (" (variant)" if row.get("variant") else "")
+                    + f" ({len(row['seeds'])} seeds)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
