@@ -19,6 +19,7 @@ import gc
 import hashlib
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -112,6 +113,8 @@ def run_trl(cols: SampleColumns, repeats: int) -> dict[str, Any]:
         from trl.data_utils import pack_dataset
     except ImportError as exc:  # an absent peer is reported, not faked
         return {"error": f"TRL unavailable: {exc}"}
+    if not sys.stderr.isatty():  # datasets' map bars would fill a log file
+        datasets.disable_progress_bars()
     offsets = pa.array(cols.offsets.astype(np.int32))  # < 2^31 tokens here
     table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(cols.tokens)),
                       "completion_mask": pa.ListArray.from_arrays(offsets, pa.array(cols.target_mask))})
