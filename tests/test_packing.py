@@ -375,3 +375,23 @@ def test_output_buffers_are_reused_only_after_release_and_fully_rewritten():
     gc.collect()
     assert release_buffers() > 0
     assert _C.pack_pooled_bytes() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64, np.uint32, np.uint64])
+def test_token_range_check_covers_every_integer_dtype(dtype):
+    """The range check skips the side a dtype cannot reach (one pass per array on every pack() call): every
+    reachable bad value is still refused, and so is a mask value outside {0, 1} in any mask dtype."""
+    def cols(tokens, mask):
+        return SampleColumns(tokens=np.asarray(tokens, dtype), offsets=np.array([0, 3]), target_mask=mask,
+                             group=np.zeros(1, np.int64), weight=np.ones(1, np.float32), tree_id=np.full(1, -1),
+                             prefix_len=np.zeros(1, np.int64))
+
+    ok_mask = np.array([0, 1, 1], np.uint8)
+    cols([1, 2, 3], ok_mask).validate()
+    info = np.iinfo(dtype)
+    for bad in ([-1] if info.min < 0 else []) + ([2**31] if info.max >= 2**31 else []):
+        with pytest.raises(ValueError, match="outside"):
+            cols([1, bad, 3], ok_mask).validate()
+    for mask_dtype, bad in ((np.int8, -1), (np.int8, 2), (np.uint8, 2), (np.int64, -1), (np.int64, 3)):
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            cols([1, 2, 3], np.array([0, 1, bad], mask_dtype)).validate()

@@ -100,8 +100,12 @@ class SampleColumns:
         for name in ("group", "weight", "tree_id", "prefix_len"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"SampleColumns: {name} has {len(getattr(self, name))} entries, samples {n}")
-        if T and (self.tokens.min() < 0 or self.tokens.max() > np.iinfo(np.int32).max):
-            bad = int(self.tokens.min()) if self.tokens.min() < 0 else int(self.tokens.max())
+        # one pass over every token where the dtype already bounds one side (pack() runs this on every call)
+        tok = self.tokens
+        too_big = np.iinfo(tok.dtype).max > np.iinfo(np.int32).max if tok.dtype != bool else False
+        signed = tok.dtype != bool and np.iinfo(tok.dtype).min < 0
+        if T and ((signed and tok.min() < 0) or (too_big and tok.max() > np.iinfo(np.int32).max)):
+            bad = int(tok.min()) if signed and tok.min() < 0 else int(tok.max())
             raise ValueError(f"SampleColumns: token id {bad} is outside [0, 2**31)")
         if n and self.group.min() < 0:
             raise ValueError(f"SampleColumns: group id {int(self.group.min())} is negative")
@@ -113,7 +117,7 @@ class SampleColumns:
             raise ValueError(f"SampleColumns: samples {bad} have a negative weight")
         mask = np.asarray(self.target_mask)
         # min/max, not np.isin: this runs on every pack() call, over every token (hundreds of millions)
-        if T and mask.dtype != bool and (mask.min() < 0 or mask.max() > 1):
+        if T and mask.dtype != bool and ((np.iinfo(mask.dtype).min < 0 and mask.min() < 0) or mask.max() > 1):
             raise ValueError("SampleColumns: target_mask must hold only 0 and 1")
         lengths = np.diff(self.offsets)
         if n and (np.asarray(self.prefix_len).min() < 0 or np.any(self.prefix_len > lengths)):
