@@ -151,20 +151,11 @@ void build_range(const BuildInputs& in, const int64_t* mb_tok_off, const int64_t
       const float w = in.weight[s];
       const int8_t g = in.group[s];
       const int64_t m_end = m + in.kept[s];
-      for (int64_t i = 1; i < len && m < m_end;) {
-        if (i + 8 <= len) {  // context spans are long: skip 8 mask bytes at a time
-          uint64_t word;
-          std::memcpy(&word, msk + i, sizeof(word));
-          if (word == 0) {
-            i += 8;
-            continue;
-          }
-        }
-        if (msk[i]) {
+      if (m < m_end) {
+        for_each_target(msk, len, [&](int64_t i) {
           put_target(out, m, local + i - 1, src[i], w, g);
-          ++m;
-        }
-        ++i;
+          return ++m < m_end;
+        });
       }
       local += len;
       *cu++ = static_cast<int32_t>(local);

@@ -272,22 +272,14 @@ void trie_range(const TrieInputs& in, const int64_t* tok_off, const int64_t* tgt
         const int32_t* nodes = sc.node_at.data() + sc.node_off[x];
         const float w = in.weight[s];
         const int8_t g = in.group[s];
-        for (int64_t i = 1; i < len; ++i) {
-          if (i + 8 <= len) {  // context spans are long: skip 8 mask bytes at a time
-            uint64_t word;
-            std::memcpy(&word, msk + i, sizeof(word));
-            if (word == 0) {
-              i += 7;
-              continue;
-            }
-          }
-          if (!msk[i]) continue;
+        for_each_target(msk, len, [&](int64_t i) {
           out.rows[m] = nodes[i - 1];
           out.targets[m] = src[i];
           out.weights[m] = w;
           out.group[m] = g;
           ++m;
-        }
+          return true;
+        });
       }
     }
   }

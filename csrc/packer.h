@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace leafe {
@@ -131,6 +132,24 @@ void* map_output(size_t bytes, size_t* capacity);
 void unmap_output(void* p, size_t capacity);
 size_t release_output_pool();  // unmaps every pooled buffer; returns the bytes given back
 size_t pooled_output_bytes();
+
+// Calls visit(i) for every position i in [1, len) whose mask byte is set, in order, until visit returns
+// false (position 0 has no predictor, so it is never a target). Context spans are long and target spans
+// short, so eight zero mask bytes are skipped at a time. The flat and trie builds share it.
+template <class Visit>
+inline void for_each_target(const uint8_t* mask, int64_t len, Visit&& visit) {
+  for (int64_t i = 1; i < len; ++i) {
+    if (i + 8 <= len) {
+      uint64_t word;
+      std::memcpy(&word, mask + i, sizeof(word));
+      if (word == 0) {
+        i += 7;
+        continue;
+      }
+    }
+    if (mask[i] && !visit(i)) return;
+  }
+}
 
 // splitmix64: the one RNG both the C++ and the Python reference use for shuffles.
 uint64_t splitmix64_next(uint64_t& state);
