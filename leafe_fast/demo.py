@@ -27,7 +27,6 @@ produces; it is not a result about LEAFE: expect pass@k to move by noise, not by
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 from leafe_fast.checks import check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args
+from leafe_fast.outputs import write_json
 
 DIRECTIONS = ("up", "down", "left", "right")
 MAX_POSITIONS = 8192  # the tiny model's context; episodes that outgrow it end as failures
@@ -251,9 +251,7 @@ def run_demo(args: DemoConfig) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "files": {"trees": str(trees_path), "samples": str(out / "samples.npz"), "report": str(out / "report.json")},
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
-    tmp.replace(out / "report.json")
+    write_json(out / "report.json", report, default=_json_default)
     return report
 
 

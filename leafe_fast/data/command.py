@@ -14,7 +14,6 @@ tokens per group, dropped corrections, failed branches, lengths) are printed and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from leafe_fast.checks import check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args
+from leafe_fast.outputs import write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,8 +91,5 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         print("warning: the samples file is empty (--allow-empty)", file=sys.stderr)
     if args.stats_json is not None:
-        args.stats_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.stats_json.with_name(args.stats_json.name + ".tmp")
-        tmp.write_text(json.dumps(stats.as_dict(), indent=2))
-        tmp.replace(args.stats_json)
+        write_json(args.stats_json, stats.as_dict())
     return 0

@@ -12,8 +12,6 @@ nothing is downloaded. The flags are the fields of :class:`EvalConfig` (``leafe_
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Literal
 from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, key_value
+from leafe_fast.outputs import write_json
 from leafe_fast.train.config import DTYPE_CHOICES, torch_dtype
 
 
@@ -115,17 +114,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_result(result, f"{cfg.env}/{cfg.split}"))
     if cfg.out is not None:
         record = {"model": str(args.model), "env": cfg.env, "split": cfg.split, **result}
-        _write_json(cfg.out, record)
+        write_json(cfg.out, record, default=str)
         print(f"wrote {cfg.out}")
     return 0
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    """Write to a temporary file and rename: a killed run never leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def format_result(result: dict, label: str) -> str:

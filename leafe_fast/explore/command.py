@@ -26,6 +26,7 @@ from leafe_fast.checks import check_device, check_model_dir, check_out_path
 from leafe_fast.errors import UserError
 from leafe_fast.explore.config import ExploreConfig
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_dict, key_value, read_json_object
+from leafe_fast.outputs import write_json
 from leafe_fast.train.config import DTYPE_CHOICES, torch_dtype
 
 
@@ -204,8 +205,5 @@ def run(args: argparse.Namespace) -> int:
     if not config.progress:
         print(summary.format())
     if args.summary_json is not None:
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.summary_json.with_name(args.summary_json.name + ".tmp")
-        tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        tmp.replace(args.summary_json)
+        write_json(args.summary_json, summary.to_dict())
     return 0

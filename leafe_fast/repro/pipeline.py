@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from leafe_fast.outputs import write_json
+
 ARMS = ("base", "rs-sft", "rehearsal-only", "leafe", "no-summary")
 ABLATION_ARMS = ("oracle",)
 # LEAFE with another documented option, run only when asked (--arms): every corrected step of a branch
@@ -94,10 +96,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
-    os.replace(tmp, path)
+    write_json(path, data, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
 
 def _cached(path: Path, make: Callable[[], Any], log: Callable[[str], None], what: str) -> Any:

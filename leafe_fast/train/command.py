@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from leafe_fast.checks import check_device, check_model_dir, check_out_path, run_folder_lock
 from leafe_fast.errors import UserError
 from leafe_fast.flags import add_config_flags, config_from_args, config_from_file
+from leafe_fast.outputs import write_json
 from leafe_fast.train.config import DTYPE_CHOICES, TrainConfig, part_classes
 
 # Loss options the trainer fixes itself (it always sums with its own normalisers, checks ranges once per
@@ -173,14 +173,8 @@ def run(args: argparse.Namespace) -> int:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             record = {k: v for k, v in summary.__dict__.items() if k != "losses"}
-            tmp = out / "summary.json.tmp"
-            try:
-                tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-                os.replace(tmp, out / "summary.json")
-            except OSError as exc:  # a full disk: one line, no summary.json.tmp left
-                tmp.unlink(missing_ok=True)
-                raise UserError(str(out / "summary.json"), f"could not be written ({exc.strerror or exc})",
-                                "free disk space; the trained model and checkpoints are written") from exc
+            write_json(out / "summary.json", record, default=float,
+                       disk_full_fix="free disk space; the trained model and checkpoints are written")
             if not cfg.progress:  # with progress on, Trainer.train has printed the summary line already
                 print(summary.to_text())
             if summary.export:
